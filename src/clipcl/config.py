@@ -1,0 +1,320 @@
+"""Run configuration: frozen dataclasses, YAML loading, dotted overrides and validation.
+
+Every value a run depends on lives here, is validated before any work starts, and is saved
+(resolved) with every result and checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the CLI prints it without a traceback."""
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    """Which open_clip model to fine-tune."""
+
+    name: str = "clipcl-tiny-rn"
+    pretrained: str = ""  # an open_clip pretrained tag ("openai") or a local checkpoint file; "" = random init
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    lock_text: bool = False  # freeze the text tower (LiT-style): class texts stay fixed prototypes
+
+
+@dataclass(frozen=True)
+class ScenarioCfg:
+    """The stream of tasks: dataset, protocol, class order and subsampling."""
+
+    dataset: str = "fashion_mnist"
+    root: str = ""  # data folder; "" = $CLIPCL_DATA, then the dataset's usual places
+    kind: str = "cil"  # cil (class-incremental) | dil (domain-incremental)
+    classes_per_task: int = 2
+    initial_classes: int = 0  # a larger first task (B50-Inc10 style); 0 = same as classes_per_task
+    n_tasks: int = 0  # 0 = as many as the classes (CIL) or domains (DIL) allow
+    class_order: str = "seeded"  # seeded | natural | shipped (the dataset's published order, if any)
+    order_seed: int = 1993
+    classes: tuple[int, ...] = ()  # an explicit class order (dataset label ids); overrides class_order
+    domains: tuple[str, ...] = ()  # DIL: the domains in stream order; () = the dataset's default
+    train_per_class: int = 0  # keep at most this many training images per class (0 = all)
+    test_per_class: int = 0  # likewise for test images
+    download: bool = True  # allow torchvision datasets to download when the files are absent
+    skip_bad_images: bool = False  # skip (and count) unreadable images instead of stopping
+
+
+@dataclass(frozen=True)
+class MemoryCfg:
+    """The class-balanced replay memory."""
+
+    per_class: int = 10  # images kept per seen class
+    total: int = 0  # if > 0: a total budget split equally over the seen classes (overrides per_class)
+    selection: str = "random"
+
+
+@dataclass(frozen=True)
+class OptimCfg:
+    """Optimiser and schedule, restarted at every task."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    epochs: float = 1.0  # passes over the task's new data (fractions allowed)
+    batch_size: int = 128
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    max_steps: int = 0  # cap on steps per task (0 = no cap)
+
+
+@dataclass(frozen=True)
+class MethodCfg:
+    """The continual-learning method and its options (METHOD.md)."""
+
+    name: str = "er"
+    sampling: str = "concat"  # concat | uniform: how batches mix new data and memory
+    gamma: float = 0.9  # GCL moving-average rate
+    tau: float = 0.0  # GCL temperature; 0 = 1 / model logit scale (detached)
+    dro: str = "kl"  # kl | groupdro | cvar | none
+    lam: float = 1.0  # KL-DRO temperature, in units of the loss
+    beta: float = 0.1  # moving-average rate of the class losses
+    eta: float = 0.01  # groupdro step size
+    alpha: float = 0.5  # cvar: fraction of classes kept
+    max_weight: float = 0.0  # cap on a class's DRO weight (0 = no cap)
+    telemetry_every: int = 1  # record the DRO class weights every N steps
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    """Evaluation after each task."""
+
+    templates: str = "default"  # default (one template) | ensemble
+    batch_size: int = 512
+
+
+@dataclass(frozen=True)
+class RunCfg:
+    """A whole run."""
+
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    checkpoint_every: int = 0  # also checkpoint every N training steps (0 = after each task only)
+    num_workers: int = 2  # image-decoding worker processes for folder datasets
+    skip_nonfinite: bool = False  # skip batches whose loss is not finite (counted) instead of stopping
+    model: ModelCfg = field(default_factory=ModelCfg)
+    scenario: ScenarioCfg = field(default_factory=ScenarioCfg)
+    memory: MemoryCfg = field(default_factory=MemoryCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    method: MethodCfg = field(default_factory=MethodCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.precision": ("auto", "fp32", "bf16"),
+    "scenario.kind": ("cil", "dil"),
+    "scenario.class_order": ("seeded", "natural", "shipped"),
+    "memory.selection": ("random",),
+    "method.sampling": ("concat", "uniform"),
+    "method.dro": ("kl", "groupdro", "cvar", "none"),
+    "eval.templates": ("default", "ensemble"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+def _check(ok: bool, key: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r}: {what}")
+
+
+def validate(cfg: RunCfg) -> None:
+    """Check values that no type can express; raise ConfigError naming the key."""
+    for key, choices in CHOICES.items():
+        value = get_value(cfg, key)
+        _check(value in choices, key, value, f"must be one of {', '.join(choices)}")
+    s, m, o, me = cfg.scenario, cfg.memory, cfg.optim, cfg.method
+    _check(s.classes_per_task >= 1, "scenario.classes_per_task", s.classes_per_task, "must be at least 1")
+    for key in ("initial_classes", "n_tasks", "train_per_class", "test_per_class"):
+        _check(getattr(s, key) >= 0, f"scenario.{key}", getattr(s, key), "must be 0 or more")
+    _check(len(set(s.classes)) == len(s.classes), "scenario.classes", list(s.classes), "has repeated classes")
+    _check(m.per_class >= 0, "memory.per_class", m.per_class, "must be 0 or more (images per class)")
+    _check(m.total >= 0, "memory.total", m.total, "must be 0 or more (0 = use memory.per_class)")
+    _check(o.lr > 0, "optim.lr", o.lr, "must be positive")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be 0 or more")
+    _check(o.epochs > 0, "optim.epochs", o.epochs, "must be positive")
+    _check(o.batch_size >= 2, "optim.batch_size", o.batch_size, "must be at least 2 (a contrastive loss needs pairs)")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be 0 or more")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be 0 (off) or more")
+    _check(o.max_steps >= 0, "optim.max_steps", o.max_steps, "must be 0 (no cap) or more")
+    _check(0 < me.gamma <= 1, "method.gamma", me.gamma, "must be in (0, 1]")
+    _check(me.tau >= 0, "method.tau", me.tau, "must be 0 (use the model's logit scale) or positive")
+    _check(me.lam > 0, "method.lam", me.lam, "must be positive")
+    _check(0 < me.beta <= 1, "method.beta", me.beta, "must be in (0, 1]")
+    _check(me.eta > 0, "method.eta", me.eta, "must be positive")
+    _check(0 < me.alpha <= 1, "method.alpha", me.alpha, "must be in (0, 1]")
+    _check(me.max_weight == 0 or 0 < me.max_weight <= 1, "method.max_weight", me.max_weight,
+           "must be 0 (no cap) or in (0, 1]")
+    _check(me.telemetry_every >= 1, "method.telemetry_every", me.telemetry_every, "must be at least 1")
+    _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be 0 (per task) or more")
+    _check(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "must be 0 or more")
+    _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be at least 1")
+
+
+def get_value(cfg: Any, dotted: str) -> Any:
+    """Value of a dotted key such as 'method.lam'."""
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML/JSON-ready dict of a config (tuples become lists)."""
+    out = dataclasses.asdict(cfg)
+
+    def fix(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: fix(v) for k, v in x.items()}
+        if isinstance(x, (tuple, list)):
+            return [fix(v) for v in x]
+        return x
+
+    return fix(out)
+
+
+def valid_keys(cls: type = RunCfg, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in fields(cls):
+        t = hints[f.name]
+        if is_dataclass(t):
+            keys += valid_keys(t, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert a YAML value to the field's type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a list")
+        (inner, _) = typing.get_args(typ)
+        return tuple(_coerce(key, v, inner) for v in value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"config key '{key}' = {value!r}: expected true or false")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a whole number")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a whole number") from None
+        if f != int(f):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a whole number")
+        return int(f)
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a number") from None
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a string")
+        return str(value)
+    return value
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'.{hint} Run 'clipcl list keys' to see every key.")
+
+
+def from_dict(data: dict[str, Any], cls: type = RunCfg, prefix: str = "") -> Any:
+    """Build a (nested) config from a dict, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(prefix + str(key))
+        typ = hints[key]
+        if is_dataclass(typ):
+            kwargs[key] = from_dict(value or {}, typ, prefix + key + ".")
+        else:
+            kwargs[key] = _coerce(prefix + key, value, typ)
+    if cls is RunCfg:
+        return cls(**kwargs)
+    return cls(**kwargs)
+
+
+def apply_overrides(cfg: RunCfg, overrides: list[str]) -> RunCfg:
+    """Apply 'a.b=value' strings (values parsed as YAML) to a config."""
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (for example method.name=er)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise _unknown_key(key)
+            node = node[part]
+        if parts[-1] not in node or isinstance(node[parts[-1]], dict):
+            raise _unknown_key(key)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return from_dict(data)
+
+
+def load_config(path_or_name: str | Path, overrides: list[str] | None = None) -> RunCfg:
+    """Load a YAML file or a shipped benchmark config by name, then apply overrides."""
+    from .benchmarks import config_path
+
+    path = config_path(str(path_or_name))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
+    cfg = from_dict(data)
+    return apply_overrides(cfg, overrides or [])
+
+
+def with_updates(cfg: RunCfg, **sections: dict[str, Any]) -> RunCfg:
+    """A copy of cfg with some fields of some sections replaced, e.g. with_updates(cfg, method={'name': 'er'})."""
+    changes = {}
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            changes[section] = replace(getattr(cfg, section), **values)
+        else:
+            changes[section] = values
+    return replace(cfg, **changes)

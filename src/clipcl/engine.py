@@ -1,0 +1,326 @@
+"""The one training loop every method shares: tasks, batches, optimiser, evaluation, checkpoints.
+
+Randomness is derived, never carried: the batch order of (task, epoch) and the memory draws of
+(task, step) come from generators seeded by (seed, task, epoch/step). A checkpoint therefore only
+needs the step counters to continue the exact same stream, and a resumed run matches an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import __version__, checkpoint
+from .config import RunCfg, to_dict
+from .data.images import ConcatImageSet, ImageSet
+from .data.scenarios import Scenario, build_scenario
+from .evaluate import accuracy_row, metrics
+from .memory import ReplayMemory
+from .methods import Batch, Method, make_method
+from .models import ClipBundle, create
+from .prompts import DEFAULT_TEMPLATES, class_tokens
+
+
+class NonFiniteLoss(RuntimeError):
+    """A training loss that is inf or nan."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT or SIGTERM arrived; a checkpoint was written."""
+
+    def __init__(self, signum: int, out_dir: Path):
+        self.signum, self.out_dir = signum, out_dir
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+def seeded(*keys: int) -> torch.Generator:
+    """A torch generator whose seed is a hash of the keys (seed, task, step, ...)."""
+    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def stream_positions(seed: int, task: int, n: int, start: int, count: int) -> np.ndarray:
+    """Positions start..start+count of the sample stream of a task: epoch permutations of range(n), end to end."""
+    out = []
+    pos = start
+    while pos < start + count:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=seeded(seed, task, epoch, 0)).numpy()
+        take = min(n - offset, start + count - pos)
+        out.append(perm[offset: offset + take])
+        pos += take
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 0 over the task's steps."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def versions(device: torch.device) -> dict[str, str]:
+    """Library versions and the device, for results files."""
+    import open_clip
+
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "clipcl": __version__, "device": f"{device.type}: {dev}", "threads": str(torch.get_num_threads())}
+
+
+@dataclass
+class Progress:
+    """Counters and results so far: everything of a run that is not a model, optimiser or memory."""
+
+    task: int = 0  # the task being trained (or next to train)
+    step: int = 0  # steps done within that task
+    rows: list[list[float | None]] = field(default_factory=list)
+    timing: list[dict] = field(default_factory=list)
+    nonfinite_skipped: int = 0
+    train_seconds: float = 0.0  # within the current task, before the last resume
+    images_seen: int = 0  # within the current task
+
+
+class Trainer:
+    """Runs a config's whole stream of tasks, writing checkpoints and results into out_dir."""
+
+    def __init__(self, cfg: RunCfg, out_dir: Path | str, scenario: Scenario | None = None,
+                 progress_bar: bool | None = None):
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)  # model initialisation is the one use of the global generator
+        self.scenario = scenario or build_scenario(cfg.scenario, cfg.seed)
+        self.bundle: ClipBundle = create(cfg.model, self.device)
+        self.method: Method = make_method(cfg.method)
+        self.memory = ReplayMemory(cfg.memory.per_class, cfg.memory.total)
+        self.progress = Progress()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.autocast = self.device.type == "cuda" and cfg.model.precision in ("auto", "bf16")
+        self.tokens = class_tokens(self.bundle.tokenizer, list(self.scenario.classnames), DEFAULT_TEMPLATES)[0]
+        self.progress_bar = progress_bar
+        self._signal: int | None = None
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict:
+        """Everything that changes during a run, for a checkpoint."""
+        return {
+            "config": to_dict(self.cfg),
+            "model": self.bundle.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "memory": self.memory.state_dict(),
+            "method": self.method.state_dict(),
+            "progress": vars(self.progress).copy(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save_checkpoint(self) -> float:
+        """Write the checkpoint atomically; returns the seconds it took."""
+        start = time.perf_counter()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.save(self.out_dir / checkpoint.CHECKPOINT_NAME, self.state())
+        return time.perf_counter() - start
+
+    def load_checkpoint(self) -> None:
+        """Restore the state of the last checkpoint in out_dir."""
+        state = checkpoint.load(self.out_dir / checkpoint.CHECKPOINT_NAME, to_dict(self.cfg))
+        self.bundle.model.load_state_dict(state["model"])
+        self.memory.load_state_dict(state["memory"])
+        self.method.load_state_dict(state["method"])
+        self.progress = Progress(**state["progress"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["optimizer"] is not None:
+            self._start_optimizer()
+            self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ pieces
+    def _start_optimizer(self) -> None:
+        params = [(n, p) for n, p in self.bundle.model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in params if p.ndim >= 2 and "logit_scale" not in n]
+        rest = [p for n, p in params if not (p.ndim >= 2 and "logit_scale" not in n)]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+            lr=self.cfg.optim.lr)
+
+    def task_data(self, t: int) -> tuple[ImageSet, ImageSet | None]:
+        """(new data, memory data) of task t, memory None when the method has none or it is empty."""
+        mem = self.memory.as_imageset() if self.method.uses_memory and len(self.memory) else None
+        return self.method.training_data(self.scenario, t, mem)
+
+    def total_steps(self, t: int) -> int:
+        """Training steps of task t."""
+        if not self.method.trains:
+            return 0
+        new, mem = self.task_data(t)
+        n = len(new) + (len(mem) if mem is not None and self.cfg.method.sampling == "uniform" else 0)
+        steps = math.ceil(self.cfg.optim.epochs * n / self.cfg.optim.batch_size)
+        return min(steps, self.cfg.optim.max_steps) if self.cfg.optim.max_steps else steps
+
+    def batch_positions(self, t: int, step: int, new: ImageSet, mem: ImageSet | None) -> np.ndarray:
+        """Sample indices in D_t U M (memory after the new data) of one step."""
+        B = self.cfg.optim.batch_size
+        seed = self.cfg.seed
+        if mem is None:
+            return stream_positions(seed, t, len(new), step * B, B)
+        if self.cfg.method.sampling == "uniform":
+            return stream_positions(seed, t, len(new) + len(mem), step * B, B)
+        pos_new = stream_positions(seed, t, len(new), step * B, B)
+        g = seeded(seed, t, step, 1)
+        if len(mem) >= B:
+            pos_mem = torch.randperm(len(mem), generator=g)[:B].numpy()
+        else:
+            pos_mem = torch.randint(len(mem), (B,), generator=g).numpy()
+        return np.concatenate([pos_new, len(new) + pos_mem])
+
+    def train_step(self, data: ImageSet, positions: np.ndarray, step: int) -> dict[str, float] | None:
+        """One optimiser step; returns the logged values, or None for a skipped non-finite batch."""
+        model, opt, cfg = self.bundle.model, self.optimizer, self.cfg
+        assert opt is not None
+        labels = torch.as_tensor(data.targets[positions], device=self.device)
+        images = data.load(positions).to(self.device, non_blocking=True)
+        classes, inv = torch.unique(labels, return_inverse=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            z = F.normalize(model.encode_image(self.bundle.prepare_images(images)).float(), dim=-1)
+            text = F.normalize(model.encode_text(self.tokens[classes.cpu()].to(self.device)).float(), dim=-1)
+        batch = Batch(z=z, text=text, inv=inv, labels=labels, index=torch.as_tensor(positions, device=self.device),
+                      logit_scale=model.logit_scale.exp(), step=step)
+        terms = self.method.loss(batch)
+        loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
+        if not torch.isfinite(loss):
+            if cfg.skip_nonfinite:
+                self.progress.nonfinite_skipped += 1
+                return None
+            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            raise NonFiniteLoss(f"non-finite loss at task {self.progress.task} step {step}: {detail}. "
+                                "The last good checkpoint is kept; lower optim.lr, or set skip_nonfinite=true "
+                                "to skip (and count) such batches.")
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, self._steps, cfg.optim.lr, cfg.optim.warmup_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        with torch.no_grad():  # CLIP's clamp: a logit scale above 100 destabilises training
+            model.logit_scale.clamp_(0, math.log(100))
+        return {"loss": float(terms.get("value", loss).detach())}
+
+    # ------------------------------------------------------------------ the loop
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum
+
+    def run(self, resume: bool = False) -> dict:
+        """Train and evaluate every task; returns the results dict (also written to out_dir)."""
+        if resume:
+            self.load_checkpoint()
+        handlers = {}
+        if sys.platform != "win32":
+            try:
+                handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            except ValueError:  # not the main thread: leave signals alone
+                handlers = {}
+        try:
+            while self.progress.task < len(self.scenario):
+                self._run_task(self.progress.task)
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        results = self.results(complete=True)
+        from .report import write_outputs
+
+        write_outputs(results, self.out_dir)
+        return results
+
+    def _check_signal(self) -> None:
+        if self._signal is not None:
+            self.save_checkpoint()
+            raise Interrupted(self._signal, self.out_dir)
+
+    def _run_task(self, t: int) -> None:
+        cfg, p = self.cfg, self.progress
+        new, mem = self.task_data(t)
+        data = ConcatImageSet([new, mem]) if mem is not None else new
+        self._steps = self.total_steps(t)
+        if p.step == 0 and self.method.trains:
+            self.method.before_task(t, len(data), self.scenario.n_seen(t))
+            self._start_optimizer()
+            p.train_seconds, p.images_seen = 0.0, 0
+        self.bundle.model.train()
+        bar = tqdm(total=self._steps, initial=p.step, desc=f"{cfg.method.name} task {t + 1}/{len(self.scenario)}",
+                   disable=self.progress_bar is False or (self.progress_bar is None and not sys.stderr.isatty()),
+                   leave=False, dynamic_ncols=True)
+        start = time.perf_counter()
+        seconds_before = p.train_seconds
+        while p.step < self._steps:
+            positions = self.batch_positions(t, p.step, new, mem)
+            logged = self.train_step(data, positions, p.step)
+            p.step += 1
+            p.images_seen += len(positions)
+            p.train_seconds = seconds_before + time.perf_counter() - start
+            if logged is not None:
+                bar.set_postfix(loss=f"{logged['loss']:.3f}", img_s=f"{p.images_seen / max(p.train_seconds, 1e-9):.0f}")
+            bar.update(1)
+            if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0 and p.step < self._steps:
+                self.save_checkpoint()
+            self._check_signal()
+        bar.close()
+        if self.method.uses_memory:
+            self.memory.update(t, self.scenario[t].train, seeded(cfg.seed, t, 2))
+        eval_start = time.perf_counter()
+        p.rows.append(accuracy_row(self.bundle, self.scenario, t, cfg.eval.templates, cfg.eval.batch_size,
+                                   self.device, self.autocast))
+        p.timing.append({"task": t, "train_seconds": round(p.train_seconds, 3),
+                         "eval_seconds": round(time.perf_counter() - eval_start, 3), "steps": self._steps,
+                         "train_images": p.images_seen,
+                         "train_images_per_second": round(p.images_seen / p.train_seconds, 1) if p.train_seconds else None})
+        p.task, p.step = t + 1, 0
+        self.optimizer = None
+        ckpt_seconds = self.save_checkpoint()
+        p.timing[-1]["checkpoint_seconds"] = round(ckpt_seconds, 3)
+        self._check_signal()
+
+    # ------------------------------------------------------------------ results
+    def results(self, complete: bool) -> dict:
+        """The results dict: config, accuracy matrix, metrics, timings, memory, versions, telemetry."""
+        p, sc = self.progress, self.scenario
+        sizes = [len(task.test) for task in sc.tasks]
+        train_s = sum(x["train_seconds"] for x in p.timing)
+        train_n = sum(x["train_images"] for x in p.timing)
+        peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return {
+            "complete": complete,
+            "config": to_dict(self.cfg),
+            "scenario": {"kind": sc.kind, "classnames": list(sc.classnames), "class_order": list(sc.class_order),
+                         "class_order_hash": sc.order_hash, "tasks": [t.name for t in sc.tasks],
+                         "train_sizes": [len(t.train) for t in sc.tasks], "test_sizes": sizes},
+            "accuracy_matrix": p.rows,
+            "metrics": metrics(p.rows, sizes),
+            "timing": {"tasks": p.timing, "train_seconds": round(train_s, 3),
+                       "train_images_per_second": round(train_n / train_s, 1) if train_s else None,
+                       "peak_memory_bytes": int(peak),
+                       "peak_memory_kind": "cuda allocated" if self.device.type == "cuda" else "process max RSS"},
+            "memory": {"images": len(self.memory), "bytes": self.memory.nbytes,
+                       "per_class": self.memory.counts()},
+            "nonfinite_skipped": p.nonfinite_skipped,
+            "versions": versions(self.device),
+            **self.method.results(),
+        }

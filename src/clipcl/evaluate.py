@@ -1,0 +1,107 @@
+"""Evaluation: the accuracy matrix R and the metrics of METHOD.md (pure functions of R)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data.images import ImageSet
+from .data.scenarios import Scenario
+from .prompts import TEMPLATE_SETS, class_tokens, text_features
+
+Matrix = Sequence[Sequence[float | None]]
+
+
+@torch.no_grad()
+def image_features(bundle, data: ImageSet, batch_size: int, device: torch.device,
+                   autocast: bool = False) -> torch.Tensor:
+    """Normalised image embeddings [N, D] of a whole ImageSet."""
+    model = bundle.model
+    out = []
+    for start in range(0, len(data), batch_size):
+        pos = np.arange(start, min(start + batch_size, len(data)))
+        x = bundle.prepare_images(data.load(pos).to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out.append(F.normalize(model.encode_image(x).float(), dim=-1))
+    return torch.cat(out) if out else torch.zeros(0, 1, device=device)
+
+
+@torch.no_grad()
+def accuracy_row(bundle, scenario: Scenario, t: int, templates: str, batch_size: int, device: torch.device,
+                 autocast: bool = False) -> list[float | None]:
+    """Row t of R: accuracy on each task's test data among the candidate classes of step t.
+
+    CIL: candidates are the classes seen so far and future tasks are not evaluated (None);
+    DIL: candidates are all classes and every domain is evaluated (future ones included).
+    """
+    model = bundle.model
+    was_training = model.training
+    model.eval()
+    n_cand = scenario.n_seen(t)
+    tokens = class_tokens(bundle.tokenizer, list(scenario.classnames[:n_cand]), TEMPLATE_SETS[templates])
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        text = text_features(model, tokens.to(device)).float()
+    row: list[float | None] = []
+    for j, task in enumerate(scenario.tasks):
+        if scenario.kind == "cil" and j > t:
+            row.append(None)
+            continue
+        z = image_features(bundle, task.test, batch_size, device, autocast)
+        pred = (z @ text.t()).argmax(1).cpu().numpy()
+        row.append(float((pred == task.test.targets).mean()) if len(pred) else None)
+    model.train(was_training)
+    return row
+
+
+def seen_accuracy(R: Matrix, sizes: Sequence[int], t: int) -> float:
+    """Accuracy after step t on all test data of tasks 0..t (weighted by their test sizes)."""
+    acc = np.array([R[t][j] for j in range(t + 1)], dtype=float)
+    n = np.asarray(sizes[: t + 1], dtype=float)
+    return float((acc * n).sum() / n.sum())
+
+
+def average_incremental_accuracy(R: Matrix, sizes: Sequence[int]) -> float:
+    """Mean over steps t of the accuracy on all test data seen so far."""
+    return float(np.mean([seen_accuracy(R, sizes, t) for t in range(len(R))]))
+
+
+def last_accuracy(R: Matrix, sizes: Sequence[int]) -> float:
+    """Accuracy on all test data after the last step."""
+    return seen_accuracy(R, sizes, len(R) - 1)
+
+
+def forgetting(R: Matrix) -> float:
+    """Mean over j < T of max_{j <= t < T} R[t, j] - R[T, j] (T = last step); 0 for a single task."""
+    T = len(R) - 1
+    if T < 1:
+        return 0.0
+    return float(np.mean([max(R[t][j] for t in range(j, T)) - R[T][j] for j in range(T)]))
+
+
+def backward_transfer(R: Matrix) -> float:
+    """Mean over j < T of R[T, j] - R[j, j]; negative when learning later tasks hurt earlier ones."""
+    T = len(R) - 1
+    if T < 1:
+        return 0.0
+    return float(np.mean([R[T][j] - R[j][j] for j in range(T)]))
+
+
+def future_accuracy(R: Matrix) -> float | None:
+    """Mean over j > 0 of R[j-1, j]: accuracy on a task before training on it (None where not evaluated)."""
+    vals = [R[j - 1][j] for j in range(1, len(R)) if j < len(R[j - 1]) and R[j - 1][j] is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def metrics(R: Matrix, sizes: Sequence[int]) -> dict[str, float | None]:
+    """Every metric of METHOD.md for the rows of R computed so far."""
+    if not R:
+        return {}
+    return {
+        "avg_incremental_accuracy": average_incremental_accuracy(R, sizes),
+        "last_accuracy": last_accuracy(R, sizes),
+        "forgetting": forgetting(R),
+        "backward_transfer": backward_transfer(R),
+        "future_accuracy": future_accuracy(R),
+    }

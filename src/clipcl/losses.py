@@ -1,0 +1,217 @@
+"""Losses of METHOD.md: the mini-batch CLIP loss, the global contrastive loss (GCL) with moving-average
+estimators, and class-level distributionally robust (DRO) weights.
+
+Notation: z_i normalised image embedding, t_c normalised text embedding of class c, s(i, c) = z_i . t_c.
+A batch gives `text` [U, D] for its U distinct classes and `inv` [B], the row of `text` of each sample.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def clip_loss(z: torch.Tensor, text: torch.Tensor, inv: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Mini-batch CLIP loss over the distinct classes of the batch.
+
+    image -> text: CE of each image over the U class texts, target its own class;
+    text -> image: for each class u, -mean over its images j of log softmax_k(scale * t_u . z_k)[j],
+    the softmax taken over all batch images. Same-class texts never appear twice (classes are distinct),
+    so same-class images are never each other's negatives on the image side. Returns (i2t + t2i) / 2.
+    """
+    logits = scale * z @ text.t()  # [B, U]
+    i2t = F.cross_entropy(logits, inv)
+    logp = torch.log_softmax(logits.t(), dim=1)  # [U, B], over batch images
+    n_u = torch.bincount(inv, minlength=text.shape[0]).clamp_min(1)
+    own = logp.gather(0, inv.view(1, -1)).squeeze(0)  # log p(j | class of j)
+    per_class = torch.zeros(text.shape[0], dtype=own.dtype, device=own.device).index_add_(0, inv, own) / n_u
+    t2i = -per_class.mean()
+    return (i2t + t2i) / 2
+
+
+def _masked_log_mean_exp(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log mean_{j: mask_ij} exp(x_ij) per row; -inf for rows with no entry."""
+    n = mask.sum(1)
+    lse = torch.logsumexp(x.masked_fill(~mask, -math.inf), dim=1)
+    return lse - torch.log(n.clamp_min(1).to(x.dtype))
+
+
+def _group_log_mean_exp(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """log of the mean of exp(values) within each group (log space, stable)."""
+    peak = torch.full((n_groups,), -math.inf, dtype=values.dtype, device=values.device)
+    peak = peak.scatter_reduce(0, groups, values, reduce="amax")
+    sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(
+        0, groups, torch.exp(values - peak[groups]))
+    counts = torch.bincount(groups, minlength=n_groups).to(values.dtype)
+    return torch.log(sums) + peak - torch.log(counts)
+
+
+class GlobalContrastiveLoss(nn.Module):
+    """Global contrastive loss with per-sample moving-average estimators (SogCLR-style), in log space.
+
+    For sample i of class y_i and negatives N_i = {j : y_j != y_i} over the whole stage data D_t U M:
+        d_ij = s(i, y_j) - s(i, y_i),   e_ij = s(j, y_i) - s(i, y_i)
+        L_i  = tau log mean_j exp(d_ij / tau) + tau log mean_j exp(e_ij / tau)
+    u1[i], u2[i] track mean_j exp(d_ij / tau), mean_j exp(e_ij / tau) across batches:
+        log u <- logaddexp(log(1 - gamma) + log u, log(gamma) + log g)   (first visit: log u = log g)
+    and the surrogate mean_j sg(exp(d_ij / tau - log u1[i])) d_ij + (same for e) has the gradient
+    estimate of grad L_i. Nothing is exponentiated outside log space, so tau = 0.01 is safe in float32.
+    """
+
+    def __init__(self, n_samples: int = 0, gamma: float = 0.9):
+        super().__init__()
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        self.gamma = gamma
+        self.register_buffer("log_u1", torch.zeros(n_samples, dtype=torch.float64))
+        self.register_buffer("log_u2", torch.zeros(n_samples, dtype=torch.float64))
+        self.register_buffer("visited", torch.zeros(n_samples, dtype=torch.bool))
+
+    def reset(self, n_samples: int) -> None:
+        """Forget every estimate: a new stage with n_samples indexed samples starts."""
+        device = self.log_u1.device
+        self.log_u1 = torch.zeros(n_samples, dtype=torch.float64, device=device)
+        self.log_u2 = torch.zeros(n_samples, dtype=torch.float64, device=device)
+        self.visited = torch.zeros(n_samples, dtype=torch.bool, device=device)
+
+    @torch.no_grad()
+    def _update(self, log_u: torch.Tensor, index: torch.Tensor, log_g: torch.Tensor, ok: torch.Tensor) -> None:
+        """Moving-average update of log_u at the samples of the batch; duplicates update once, with the mean."""
+        if not ok.any():
+            return
+        idx, lg = index[ok], log_g[ok].to(torch.float64)
+        uniq, inverse = torch.unique(idx, return_inverse=True)
+        lg = _group_log_mean_exp(lg, inverse, len(uniq))
+        old = log_u[uniq]
+        fresh = ~self.visited[uniq]
+        keep = math.log1p(-self.gamma) if self.gamma < 1 else -math.inf
+        blended = torch.logaddexp(old + keep, lg + math.log(self.gamma))
+        log_u[uniq] = torch.where(fresh, lg, blended)
+
+    def forward(self, z: torch.Tensor, text: torch.Tensor, inv: torch.Tensor, index: torch.Tensor,
+                tau: float) -> dict[str, torch.Tensor]:
+        """Per-sample surrogate [B] (differentiable), loss value [B] (detached) and has-negative mask [B].
+
+        Updates the estimators of the batch's samples (in the order: update, then use the new estimate).
+        """
+        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        sim = (z.to(dtype) @ text.to(dtype).t())[:, inv]  # sim[i, j] = s(i, y_j)
+        pos = sim.diagonal()
+        d = sim - pos[:, None]
+        e = sim.t() - pos[:, None]
+        neg = inv[:, None] != inv[None, :]
+        ok = neg.any(1)
+        log_g1 = _masked_log_mean_exp(d.detach() / tau, neg)
+        log_g2 = _masked_log_mean_exp(e.detach() / tau, neg)
+        self._update(self.log_u1, index, log_g1, ok)
+        self._update(self.log_u2, index, log_g2, ok)
+        self.visited[index[ok]] = True
+        n_neg = neg.sum(1).clamp_min(1).to(dtype)
+        w1 = torch.exp((d.detach() / tau - self.log_u1[index].to(dtype)[:, None]).masked_fill(~neg, -math.inf))
+        w2 = torch.exp((e.detach() / tau - self.log_u2[index].to(dtype)[:, None]).masked_fill(~neg, -math.inf))
+        surrogate = (w1 * d).sum(1) / n_neg + (w2 * e).sum(1) / n_neg
+        value = torch.where(ok, tau * (log_g1 + log_g2), torch.zeros_like(log_g1))
+        return {"surrogate": surrogate, "loss": value.detach(), "has_negative": ok}
+
+
+def project_capped_simplex(p: torch.Tensor, cap: float) -> torch.Tensor:
+    """Cap every weight at `cap` and give the excess to the uncapped weights in proportion (sum stays 1)."""
+    if cap <= 0 or len(p) == 0:
+        return p
+    if cap * len(p) <= 1:
+        return torch.full_like(p, 1.0 / len(p))
+    p = p.clone()
+    for _ in range(len(p)):
+        over = p > cap
+        if not over.any():
+            break
+        excess = (p[over] - cap).sum()
+        p[over] = cap
+        free = ~over & (p < cap)
+        p[free] += excess * p[free] / p[free].sum()
+    return p
+
+
+class ClassDRO(nn.Module):
+    """Class-level DRO weights over the seen classes (METHOD.md, GDRO).
+
+    v_c, the moving average of the batch-mean loss of class c: v_c <- (1 - beta) v_c + beta m_c
+    (first visit v_c = m_c). Class weights p over the seen classes already visited in the stage:
+      kl       p = softmax(v / lam)          (the gradient of lam log mean_c exp(L_c / lam))
+      groupdro p ∝ q, q_c <- q_c exp(eta m_c) (online exponentiated gradient)
+      cvar     p uniform on the top ceil(alpha |K|) classes by v
+      none     p uniform (class-balanced averaging only)
+    then optionally capped at max_weight. A batch sample i gets w_i = p_{y_i} / (n_B(y_i) sum_{c in B} p_c).
+    """
+
+    VARIANTS = ("kl", "groupdro", "cvar", "none")
+
+    def __init__(self, n_classes: int = 0, variant: str = "kl", lam: float = 1.0, beta: float = 0.1,
+                 eta: float = 0.01, alpha: float = 0.5, max_weight: float = 0.0):
+        super().__init__()
+        if variant not in self.VARIANTS:
+            raise ValueError(f"unknown DRO variant {variant!r}; choose from {', '.join(self.VARIANTS)}")
+        self.variant, self.lam, self.beta, self.eta, self.alpha, self.max_weight = (
+            variant, lam, beta, eta, alpha, max_weight)
+        self.register_buffer("v", torch.zeros(n_classes, dtype=torch.float64))
+        self.register_buffer("log_q", torch.zeros(n_classes, dtype=torch.float64))
+        self.register_buffer("visited", torch.zeros(n_classes, dtype=torch.bool))
+
+    def reset(self, n_classes: int) -> None:
+        """Forget the class estimates: a new stage over n_classes seen classes starts."""
+        device = self.v.device
+        self.v = torch.zeros(n_classes, dtype=torch.float64, device=device)
+        self.log_q = torch.zeros(n_classes, dtype=torch.float64, device=device)
+        self.visited = torch.zeros(n_classes, dtype=torch.bool, device=device)
+
+    @torch.no_grad()
+    def update(self, labels: torch.Tensor, losses: torch.Tensor) -> None:
+        """Fold the batch's class-mean losses into v (and q for groupdro)."""
+        classes, inverse = torch.unique(labels, return_inverse=True)
+        sums = torch.zeros(len(classes), dtype=torch.float64, device=losses.device).index_add_(
+            0, inverse, losses.detach().to(torch.float64))
+        means = sums / torch.bincount(inverse, minlength=len(classes)).to(torch.float64)
+        fresh = ~self.visited[classes]
+        self.v[classes] = torch.where(fresh, means, (1 - self.beta) * self.v[classes] + self.beta * means)
+        self.log_q[classes] += self.eta * means
+        self.visited[classes] = True
+
+    @torch.no_grad()
+    def class_weights(self) -> torch.Tensor:
+        """p over all classes of the stage (0 for classes not visited yet); sums to 1 once any is visited."""
+        p = torch.zeros_like(self.v)
+        seen = self.visited
+        k = int(seen.sum())
+        if k == 0:
+            return p
+        v = self.v[seen]
+        if self.variant == "kl":
+            ps = torch.softmax(v / self.lam, dim=0)
+        elif self.variant == "groupdro":
+            ps = torch.softmax(self.log_q[seen], dim=0)
+        elif self.variant == "cvar":
+            top = max(1, math.ceil(self.alpha * k))
+            ps = torch.zeros_like(v)
+            ps[torch.argsort(v, descending=True, stable=True)[:top]] = 1.0 / top
+        else:
+            ps = torch.full_like(v, 1.0 / k)
+        p[seen] = project_capped_simplex(ps, self.max_weight)
+        return p
+
+    @torch.no_grad()
+    def sample_weights(self, labels: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+        """w_i = p_{y_i} / (n_B(y_i) sum_{c in B} p_c); all zero if no batch class has weight (cvar)."""
+        p = self.class_weights() if p is None else p
+        classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        pb = p[classes]
+        total = pb.sum()
+        if total <= 0:
+            return torch.zeros(len(labels), dtype=torch.float64, device=labels.device)
+        return (pb / (counts.to(pb.dtype) * total))[inverse]
+
+    def forward(self, labels: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        """Update with the batch's losses, then return its per-sample weights."""
+        self.update(labels, losses)
+        return self.sample_weights(labels)

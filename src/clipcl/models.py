@@ -1,0 +1,88 @@
+"""open_clip models: any registered architecture with a pretrained tag or a local checkpoint,
+plus tiny architectures (model_configs/*.json) for CPU runs on 28-32 px images."""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, ModelCfg
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+
+
+@functools.cache
+def register_tiny_models() -> None:
+    """Make the shipped tiny architectures known to open_clip (idempotent)."""
+    open_clip.add_model_config(CONFIG_DIR)
+
+
+def list_models() -> list[str]:
+    """Every architecture name open_clip knows, the tiny ones included."""
+    register_tiny_models()
+    return open_clip.list_models()
+
+
+@dataclass
+class ClipBundle:
+    """A model with what is needed to feed it: tokenizer, input size and normalisation."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images [B, C, H, W] (C = 1 or 3, any size) -> normalised float input at the model's size."""
+        x = images.float().div_(255.0)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+            x = x.clamp_(0.0, 1.0)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+def create(cfg: ModelCfg, device: torch.device | str = "cpu") -> ClipBundle:
+    """Build the model of cfg: random init, an open_clip pretrained tag, or a local checkpoint file."""
+    register_tiny_models()
+    if cfg.name not in open_clip.list_models() and not cfg.name.startswith(("hf-hub:", "local-dir:")):
+        raise ConfigError(
+            f"config key 'model.name' = {cfg.name!r}: unknown open_clip architecture. "
+            f"Tiny CPU models: {', '.join(TINY_MODELS)}; full list: 'clipcl list models'."
+        )
+    pretrained = cfg.pretrained or None
+    if pretrained and not Path(pretrained).is_file():
+        tags = open_clip.list_pretrained_tags_by_model(cfg.name)
+        if pretrained not in tags:
+            raise ConfigError(
+                f"config key 'model.pretrained' = {pretrained!r}: neither a file nor a pretrained tag of "
+                f"{cfg.name} (tags: {', '.join(tags) or 'none'}). Give a tag or the path of a checkpoint."
+            )
+    logging.getLogger("open_clip").setLevel(logging.WARNING)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(cfg.name, pretrained=pretrained, device=device)
+    except (RuntimeError, OSError) as e:
+        raise ConfigError(
+            f"could not load weights for model {cfg.name!r} with pretrained={pretrained!r}: {e}. "
+            "Pretrained tags are downloaded on first use: without network, pass the checkpoint file path."
+        ) from None
+    if cfg.lock_text:
+        model.lock_text_tower()
+    tokenizer = open_clip.get_tokenizer(cfg.name)
+    pcfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    size = pcfg.get("size", model.visual.image_size)
+    if isinstance(size, (tuple, list)):
+        size = size[0]
+    mean = tuple(pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(pcfg.get("std", open_clip.OPENAI_DATASET_STD))
+    return ClipBundle(model=model, tokenizer=tokenizer, image_size=int(size), mean=mean, std=std)
