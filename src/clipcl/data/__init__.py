@@ -1,0 +1,6 @@
+"""Datasets, image containers and continual-learning scenarios."""
+from .images import ConcatImageSet, ImageSet, TensorStore
+from .scenarios import Scenario, Task, build_scenario, class_incremental, domain_incremental
+
+__all__ = ["ImageSet", "ConcatImageSet", "TensorStore", "Scenario", "Task", "build_scenario",
+           "class_incremental", "domain_incremental"]
