@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -36,6 +36,7 @@ class Scenario:
     classnames: tuple[str, ...]  # by scenario label
     class_order: tuple[int, ...]  # dataset label id of each scenario label
     tasks: tuple[Task, ...]
+    notes: dict = field(default_factory=dict, compare=False)  # the dataset's notes (skipped files, warnings)
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -129,7 +130,7 @@ def build_scenario(cfg: ScenarioCfg, seed: int = 0, dataset: Dataset | None = No
         order = list(cfg.domains) or list(ds.domains)
         if cfg.n_tasks:
             order = order[: cfg.n_tasks]
-        return domain_incremental(domains, ds.classnames, order)
+        return replace(domain_incremental(domains, ds.classnames, order), notes=ds.notes)
     if ds.train is None or ds.test is None:
         raise ConfigError(f"config key 'scenario.kind' = 'cil': dataset '{cfg.dataset}' is domain-incremental "
                           "only. Use kind: dil.")
@@ -139,5 +140,6 @@ def build_scenario(cfg: ScenarioCfg, seed: int = 0, dataset: Dataset | None = No
     order = class_order(len(ds.classnames), cfg, ds.shipped_order)
     train = ds.train.per_class_limit(cfg.train_per_class, rng)
     test = ds.test.per_class_limit(cfg.test_per_class, rng)
-    return class_incremental(train, test, ds.classnames, order, cfg.classes_per_task,
-                             cfg.initial_classes, cfg.n_tasks)
+    scenario = class_incremental(train, test, ds.classnames, order, cfg.classes_per_task,
+                                 cfg.initial_classes, cfg.n_tasks)
+    return replace(scenario, notes=ds.notes)
