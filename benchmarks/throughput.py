@@ -1,0 +1,76 @@
+"""Throughput of the demo model: train images/s per method at the same batch, and evaluation images/s.
+
+    .venv/bin/python benchmarks/throughput.py [--steps 30] [--repeats 3] [key=value ...]
+
+Each method trains task 2 of fmnist-cil (memory filled from task 1) for --steps steps; the methods are
+measured in turn, --repeats times, and the median is printed, so a gdro step is compared with an er step
+under the same machine load. Figures, not assertions: nothing here fails on a slow machine.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from clipcl.config import apply_overrides, load_config
+from clipcl.engine import Trainer
+from clipcl.evaluate import image_features
+from clipcl.data.images import ConcatImageSet
+
+
+def train_rate(cfg, steps: int) -> float:
+    """Images per second over `steps` training steps of task 1 (after a memory update from task 0)."""
+    tr = Trainer(cfg, "/tmp/clipcl-bench", progress_bar=False)
+    tr.memory.update(0, tr.scenario[0].train, torch.Generator().manual_seed(0))
+    new, mem = tr.task_data(1)
+    data = ConcatImageSet([new, mem]) if mem is not None else new
+    tr.method.before_task(1, len(data), tr.scenario.n_seen(1))
+    tr._start_optimizer()
+    tr._steps = steps + 2
+    tr.progress.task = 1
+    for step in range(2):  # warm-up
+        tr.train_step(data, tr.batch_positions(1, step, new, mem), step)
+    n, start = 0, time.perf_counter()
+    for step in range(2, steps + 2):
+        pos = tr.batch_positions(1, step, new, mem)
+        tr.train_step(data, pos, step)
+        n += len(pos)
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods", default="finetune,er,gcl,gdro")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    base = load_config("fmnist-cil", args.overrides)
+    methods = args.methods.split(",")
+    rates: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(args.repeats):
+        for m in methods:
+            rates[m].append(train_rate(apply_overrides(base, [f"method.name={m}"]), args.steps))
+    print(f"model {base.model.name}, batch {base.optim.batch_size} new (+{base.optim.batch_size} memory for "
+          f"replay methods), torch threads {torch.get_num_threads()}")
+    print("| method | train images/s (median of %d) | all runs |" % args.repeats)
+    print("|---|---|---|")
+    for m in methods:
+        print(f"| {m} | {statistics.median(rates[m]):.0f} | {', '.join(f'{r:.0f}' for r in rates[m])} |")
+    if "er" in rates and "gdro" in rates:
+        er, gd = statistics.median(rates["er"]), statistics.median(rates["gdro"])
+        print(f"gdro step cost relative to er at the same batch: {100 * (er / gd - 1):+.1f}% time per image")
+    tr = Trainer(base, "/tmp/clipcl-bench", progress_bar=False)
+    test = tr.scenario[0].test
+    tr.bundle.model.eval()
+    image_features(tr.bundle, test.subset(np.arange(100)), base.eval.batch_size, tr.device)
+    start = time.perf_counter()
+    image_features(tr.bundle, test, base.eval.batch_size, tr.device)
+    print(f"evaluation: {len(test) / (time.perf_counter() - start):.0f} images/s (batch {base.eval.batch_size})")
+
+
+if __name__ == "__main__":
+    main()
