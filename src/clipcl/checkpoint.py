@@ -36,6 +36,8 @@ def atomic_write(path: Path, write) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # partial files of writers that were killed
+        stale.unlink(missing_ok=True)
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -52,7 +54,7 @@ def load(path: Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"checkpoint '{path}' is unreadable (truncated or corrupt: {e}). "
-                              "Delete it to restart the run from scratch with --overwrite.") from None
+                              "Restart the run from scratch with --overwrite (this deletes the folder).") from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"'{path}' is not a clipcl checkpoint.")
     if state["format_version"] != FORMAT_VERSION:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import signal
 import sys
@@ -15,8 +16,8 @@ from .config import ConfigError, RunCfg, apply_overrides, load_config, to_dict, 
 DEMO_METHODS = ("zeroshot", "finetune", "er", "gcl", "gdro", "joint")
 
 
-def _prepare_out(out: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to write into a non-empty folder unless told to resume or overwrite."""
+def _prepare_out(out: Path, overwrite: bool, resume: bool, wipe: bool = True) -> None:
+    """Refuse to write into a non-empty folder unless told to resume or overwrite (then, if wipe, empty it)."""
     if resume:
         if not (out / CHECKPOINT_NAME).is_file():
             raise CheckpointError(f"--resume: no checkpoint in '{out}' ({CHECKPOINT_NAME} missing). "
@@ -26,14 +27,15 @@ def _prepare_out(out: Path, overwrite: bool, resume: bool) -> None:
         if not overwrite:
             raise ConfigError(f"output folder '{out}' is not empty. Use --resume to continue the run in it, "
                               "--overwrite to replace it, or choose another --out.")
-        shutil.rmtree(out)
+        if wipe:
+            shutil.rmtree(out)
 
 
-def run_one(cfg: RunCfg, out: Path, resume: bool = False, quiet: bool = False) -> dict:
+def run_one(cfg: RunCfg, out: Path, resume: bool = False, quiet: bool = False, trainer=None) -> dict:
     """Run one config into out (library entry point used by run, demo and the study script)."""
     from .engine import Trainer
 
-    trainer = Trainer(cfg, out)
+    trainer = trainer or Trainer(cfg, out)
     results = trainer.run(resume=resume)
     if not quiet:
         m = results["metrics"]
@@ -45,8 +47,14 @@ def run_one(cfg: RunCfg, out: Path, resume: bool = False, quiet: bool = False) -
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
+    from .engine import Trainer
+
+    _prepare_out(out, args.overwrite, args.resume, wipe=False)  # refuse early, before the slow part
+    # Building the trainer loads the dataset, cuts the scenario and creates the model: every mistake in
+    # them surfaces here, before --overwrite deletes the old run.
+    trainer = Trainer(cfg, out)
     _prepare_out(out, args.overwrite, args.resume)
-    run_one(cfg, out, resume=args.resume)
+    run_one(cfg, out, resume=args.resume, trainer=trainer)
     return 0
 
 
@@ -63,8 +71,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     base = demo_config(args.overrides)
     _prepare_out(out, args.overwrite, False)
     runs, start = {}, time.perf_counter()
+    # joint trains on everything seen so far; at the demo's budget it gets the steps per task of the others
+    task_images = base.scenario.classes_per_task * base.scenario.train_per_class
+    per_task = math.ceil(base.optim.epochs * task_images / base.optim.batch_size)
     for name in methods:
-        cfg = apply_overrides(base, [f"method.name={name}"])
+        extra = [f"optim.max_steps={per_task}"] if name == "joint" and base.scenario.train_per_class else []
+        cfg = apply_overrides(base, [f"method.name={name}", *extra])
         runs[name] = run_one(cfg, out / name)
     table = summary_table(runs)
     header = (f"# clipcl demo: fmnist-cil, {base.memory.per_class} images per class in memory, "

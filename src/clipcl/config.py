@@ -46,7 +46,11 @@ class ScenarioCfg:
     train_per_class: int = 0  # keep at most this many training images per class (0 = all)
     test_per_class: int = 0  # likewise for test images
     download: bool = True  # allow torchvision datasets to download when the files are absent
-    skip_bad_images: bool = False  # skip (and count) unreadable images instead of stopping
+    skip_bad_images: bool = False  # replace unreadable images by a readable one of the same class and split
+    #                               (counted in Dataset.notes) instead of stopping with the file's name
+    image_size: int = 224  # folder datasets decode to image_size x image_size (shorter side resized, then
+    #                        centre-cropped): the model's input size, 224 for ViT-B-16
+    decode_workers: int = 4  # processes that decode folder images (0 = decode in the main process)
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,6 @@ class RunCfg:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     checkpoint_every: int = 0  # also checkpoint every N training steps (0 = after each task only)
-    num_workers: int = 2  # image-decoding worker processes for folder datasets
     skip_nonfinite: bool = False  # skip batches whose loss is not finite (counted) instead of stopping
     model: ModelCfg = field(default_factory=ModelCfg)
     scenario: ScenarioCfg = field(default_factory=ScenarioCfg)
@@ -143,7 +146,13 @@ def validate(cfg: RunCfg) -> None:
     _check(s.classes_per_task >= 1, "scenario.classes_per_task", s.classes_per_task, "must be at least 1")
     for key in ("initial_classes", "n_tasks", "train_per_class", "test_per_class"):
         _check(getattr(s, key) >= 0, f"scenario.{key}", getattr(s, key), "must be 0 or more")
+    _check(s.image_size >= 1, "scenario.image_size", s.image_size, "must be a positive number of pixels")
+    _check(s.decode_workers >= 0, "scenario.decode_workers", s.decode_workers, "must be 0 or more")
     _check(len(set(s.classes)) == len(s.classes), "scenario.classes", list(s.classes), "has repeated classes")
+    # An explicit data folder that is not there is a typo, not a cue to look elsewhere (or to download).
+    _check(not s.root or s.download or Path(s.root).expanduser().is_dir(), "scenario.root", s.root,
+           "no such folder (and scenario.download is false). Give the folder that holds the dataset, "
+           "or leave scenario.root empty to use $CLIPCL_DATA and the usual places")
     _check(m.per_class >= 0, "memory.per_class", m.per_class, "must be 0 or more (images per class)")
     _check(m.total >= 0, "memory.total", m.total, "must be 0 or more (0 = use memory.per_class)")
     _check(o.lr > 0, "optim.lr", o.lr, "must be positive")
@@ -163,7 +172,6 @@ def validate(cfg: RunCfg) -> None:
            "must be 0 (no cap) or in (0, 1]")
     _check(me.telemetry_every >= 1, "method.telemetry_every", me.telemetry_every, "must be at least 1")
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be 0 (per task) or more")
-    _check(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "must be 0 or more")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be at least 1")
 
 
@@ -305,7 +313,10 @@ def load_config(path_or_name: str | Path, overrides: list[str] | None = None) ->
         raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
-    cfg = from_dict(data)
+    try:
+        cfg = from_dict(data)
+    except ConfigError as e:  # name the file: the key alone does not say where to fix it
+        raise ConfigError(f"in config file '{path}': {e}") from None
     return apply_overrides(cfg, overrides or [])
 
 

@@ -29,6 +29,11 @@ def list_models() -> list[str]:
     return open_clip.list_models()
 
 
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 @dataclass
 class ClipBundle:
     """A model with what is needed to feed it: tokenizer, input size and normalisation."""
@@ -68,14 +73,17 @@ def create(cfg: ModelCfg, device: torch.device | str = "cpu") -> ClipBundle:
                 f"config key 'model.pretrained' = {pretrained!r}: neither a file nor a pretrained tag of "
                 f"{cfg.name} (tags: {', '.join(tags) or 'none'}). Give a tag or the path of a checkpoint."
             )
-    logging.getLogger("open_clip").setLevel(logging.WARNING)
+    quiet = _DropRandomInitNotice()
+    logging.getLogger().addFilter(quiet)  # random init is what the tiny models want, not news
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(cfg.name, pretrained=pretrained, device=device)
+        model = open_clip.create_model(cfg.name, pretrained=pretrained, device=device)
     except (RuntimeError, OSError) as e:
         raise ConfigError(
             f"could not load weights for model {cfg.name!r} with pretrained={pretrained!r}: {e}. "
             "Pretrained tags are downloaded on first use: without network, pass the checkpoint file path."
         ) from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
     if cfg.lock_text:
         model.lock_text_tower()
     tokenizer = open_clip.get_tokenizer(cfg.name)
