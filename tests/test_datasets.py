@@ -167,7 +167,8 @@ def test_imagenet_missing_folder_says_where_and_how(tmp_path, monkeypatch):
         load_dataset(ScenarioCfg(dataset="imagenet", root=str(tmp_path / "nowhere")))
     msg = str(e.value)
     assert "ROOT/train/<wnid>/*.JPEG" in msg and str(tmp_path / "nowhere") in msg
-    assert str(tmp_path / "data" / "imagenet") in msg and "image-net.org" in msg
+    # an explicit scenario.root is meant: $CLIPCL_DATA is not searched behind the user's back
+    assert str(tmp_path / "data") not in msg and "image-net.org" in msg
 
 
 def test_imagenet_flat_val_folder_is_explained(tmp_path):
@@ -384,3 +385,10 @@ def test_shipped_protocols():
     assert tasks["domainnet"].kind == "dil" and len(tasks["domainnet"].domains) == 6
     fm = tasks["fmnist-dil"]
     assert (fm.kind, fm.dataset, fm.train_per_class, fm.test_per_class) == ("dil", "fmnist_dil", 200, 100)
+
+
+def test_explicit_root_without_fashion_mnist_files_is_an_error_not_a_fallback(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError) as e:
+        load_dataset(ScenarioCfg(dataset="fashion_mnist", root=str(tmp_path / "empty"), download=False))
+    assert str(tmp_path / "empty") in str(e.value) and "/usr/share/datasets" not in str(e.value)

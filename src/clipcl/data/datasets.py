@@ -63,12 +63,12 @@ def load_dataset(cfg: ScenarioCfg) -> Dataset:
 
 
 def data_roots(cfg: ScenarioCfg, *subdirs: str) -> list[Path]:
-    """Candidate folders for a dataset: scenario.root, then $CLIPCL_DATA (and their named sub-folders)."""
-    roots = []
-    for base in (cfg.root, os.environ.get("CLIPCL_DATA", "")):
-        if base:
-            roots += [Path(base).expanduser() / s for s in subdirs] + [Path(base).expanduser()]
-    return roots
+    """Candidate folders for a dataset: scenario.root if set (and nothing else: an explicit folder is meant),
+    otherwise $CLIPCL_DATA; each with its named sub-folders first."""
+    base = cfg.root or os.environ.get("CLIPCL_DATA", "")
+    if not base:
+        return []
+    return [Path(base).expanduser() / s for s in subdirs] + [Path(base).expanduser()]
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
@@ -108,7 +108,9 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 def fashion_mnist_arrays(cfg: ScenarioCfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{'train': (images [N, 28, 28], labels [N]), 'test': ...} from the first folder that has the files."""
-    candidates = data_roots(cfg, "fashion-mnist", "fashion_mnist", "FashionMNIST/raw") + [FMNIST_SYSTEM_DIR]
+    candidates = data_roots(cfg, "fashion-mnist", "fashion_mnist", "FashionMNIST/raw")
+    if not cfg.root:  # Debian's package, unless the user pointed somewhere else
+        candidates.append(FMNIST_SYSTEM_DIR)
     for folder in candidates:
         found = {s: [_find_idx(folder, f) for f in files] for s, files in FMNIST_FILES.items()}
         if all(p is not None for ps in found.values() for p in ps):
