@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import statistics
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from memory_study import HERE, run_cli
 

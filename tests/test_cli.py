@@ -1,7 +1,6 @@
 """End to end through the command line on a tiny run, and the CLI's answers to mistakes."""
 import json
 
-import numpy as np
 import pytest
 
 from clipcl.cli import main

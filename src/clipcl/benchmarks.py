@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from .config import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -30,7 +28,3 @@ def config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config '{name_or_path}' is neither a file nor a shipped benchmark. "
                       f"Shipped benchmarks: {', '.join(list_benchmarks())}.")
 
-
-def load_raw(name: str) -> dict:
-    """The YAML mapping of a shipped benchmark."""
-    return yaml.safe_load(config_path(name).read_text()) or {}

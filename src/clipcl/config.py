@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -274,8 +274,6 @@ def from_dict(data: dict[str, Any], cls: type = RunCfg, prefix: str = "") -> Any
             kwargs[key] = from_dict(value or {}, typ, prefix + key + ".")
         else:
             kwargs[key] = _coerce(prefix + key, value, typ)
-    if cls is RunCfg:
-        return cls(**kwargs)
     return cls(**kwargs)
 
 
@@ -319,13 +317,3 @@ def load_config(path_or_name: str | Path, overrides: list[str] | None = None) ->
         raise ConfigError(f"in config file '{path}': {e}") from None
     return apply_overrides(cfg, overrides or [])
 
-
-def with_updates(cfg: RunCfg, **sections: dict[str, Any]) -> RunCfg:
-    """A copy of cfg with some fields of some sections replaced, e.g. with_updates(cfg, method={'name': 'er'})."""
-    changes = {}
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            changes[section] = replace(getattr(cfg, section), **values)
-        else:
-            changes[section] = values
-    return replace(cfg, **changes)

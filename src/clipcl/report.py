@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -33,23 +32,11 @@ def _plt():
 
 def plot_run(results: dict, out_dir: Path) -> None:
     """accuracy.png (accuracy on seen data after each task), accuracy_matrix.png, class_weights.png (gdro)."""
-    from .evaluate import seen_accuracy
-
     plt = _plt()
     R = results["accuracy_matrix"]
-    sizes = results["scenario"]["test_sizes"]
     name = results["config"]["method"]["name"]
     if R:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(range(1, len(R) + 1), [100 * seen_accuracy(R, sizes, t) for t in range(len(R))], marker="o", label=name)
-        ax.set_xlabel("after task")
-        ax.set_ylabel("accuracy on seen test data (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "accuracy.png", dpi=100)
-        plt.close(fig)
+        plot_comparison({name: results}, out_dir / "accuracy.png")
         M = np.array([[np.nan if v is None else 100 * v for v in row] for row in R], dtype=float)
         fig, ax = plt.subplots(figsize=(1 + 0.6 * M.shape[1], 1 + 0.5 * M.shape[0]))
         im = ax.imshow(M, vmin=0, vmax=100, cmap="viridis")
@@ -124,12 +111,6 @@ def plot_comparison(runs: dict[str, dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def mean_std(values: Sequence[float]) -> str:
-    """'mean ± std' in percent."""
-    a = 100 * np.asarray(values, dtype=float)
-    return f"{a.mean():.1f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.1f}"
 
 
 def load_results(path: Path) -> dict:
