@@ -39,8 +39,10 @@ test-slow: setup
 bench: setup
 	$(BIN)/python benchmarks/throughput.py
 
+# The memory-size study of the README (about 30 minutes per benchmark on 2 cores; finished runs are reused).
 study: setup
-	$(BIN)/python benchmarks/memory_study.py
+	$(BIN)/python benchmarks/memory_study.py --benchmark fmnist-cil scenario.train_per_class=500
+	$(BIN)/python benchmarks/memory_study.py --benchmark fmnist-dil scenario.train_per_class=100
 
 clean:
 	rm -rf $(OUT) .pytest_cache
