@@ -83,3 +83,14 @@ def test_list_names_everything(capsys):
     for word in ("zeroshot", "finetune", "er", "gcl", "gdro", "joint", "fashion_mnist", "fmnist-cil",
                  "clipcl-tiny-rn"):
         assert word in out
+
+
+def test_partial_results_are_written_after_each_task(tmp_path):
+    from clipcl.config import load_config
+    from clipcl.engine import Trainer
+
+    trainer = Trainer(load_config("fmnist-cil", [*TINY, "method.name=er"]), tmp_path, progress_bar=False)
+    trainer._run_task(0)
+    partial = json.loads((tmp_path / "results.json").read_text())
+    assert partial["complete"] is False and len(partial["accuracy_matrix"]) == 1
+    assert partial["metrics"]["last_accuracy"] == pytest.approx(partial["accuracy_matrix"][0][0])

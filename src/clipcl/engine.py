@@ -30,6 +30,7 @@ from .memory import ReplayMemory
 from .methods import Batch, Method, make_method
 from .models import ClipBundle, create
 from .prompts import DEFAULT_TEMPLATES, class_tokens
+from .report import write_outputs, write_results_json
 
 
 class NonFiniteLoss(RuntimeError):
@@ -130,6 +131,7 @@ class Trainer:
         self.tokens = class_tokens(self.bundle.tokenizer, list(self.scenario.classnames), DEFAULT_TEMPLATES)[0]
         self.progress_bar = progress_bar
         self._signal: int | None = None
+        self._steps = 0  # training steps of the current task
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -275,8 +277,6 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
         results = self.results(complete=True)
-        from .report import write_outputs
-
         write_outputs(results, self.out_dir)
         return results
 
@@ -326,6 +326,8 @@ class Trainer:
         self.optimizer = None
         ckpt_seconds = self.save_checkpoint()
         p.timing[-1]["checkpoint_seconds"] = round(ckpt_seconds, 3)
+        if p.task < len(self.scenario):  # the rows so far, readable while the run goes on
+            write_results_json(self.results(complete=False), self.out_dir)
         self._check_signal()
 
     # ------------------------------------------------------------------ results

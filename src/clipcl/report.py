@@ -9,11 +9,16 @@ import numpy as np
 from .checkpoint import atomic_write
 
 
-def write_outputs(results: dict, out_dir: Path) -> None:
-    """results.json, accuracy_matrix.csv and the plots of one run."""
+def write_results_json(results: dict, out_dir: Path) -> None:
+    """results.json, written atomically (a reader never sees half a file)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=1)
     atomic_write(out_dir / "results.json", lambda f: f.write(text.encode()))
+
+
+def write_outputs(results: dict, out_dir: Path) -> None:
+    """results.json, accuracy_matrix.csv and the plots of one run."""
+    write_results_json(results, out_dir)
     R = results["accuracy_matrix"]
     lines = ["after_task," + ",".join(f"task{j}" for j in range(len(R[0]) if R else 0))]
     lines += [f"{t}," + ",".join("" if v is None else f"{v:.4f}" for v in row) for t, row in enumerate(R)]
