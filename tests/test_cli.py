@@ -94,3 +94,13 @@ def test_partial_results_are_written_after_each_task(tmp_path):
     partial = json.loads((tmp_path / "results.json").read_text())
     assert partial["complete"] is False and len(partial["accuracy_matrix"]) == 1
     assert partial["metrics"]["last_accuracy"] == pytest.approx(partial["accuracy_matrix"][0][0])
+
+
+def test_report_compares_finished_runs(gdro_run, tmp_path, capsys):
+    out, r = gdro_run
+    assert main(["report", str(out), "--plot", str(tmp_path / "cmp.png")]) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("| gdro |"))
+    assert f"| {100 * r['metrics']['last_accuracy']:.1f} |" in row
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+    assert main(["report", str(tmp_path / "nothing")]) == 2
