@@ -19,14 +19,14 @@ GRID = [
     ("er", "lr=0.001", ["method.name=er", "optim.lr=0.001"]),
     ("er", "lr=0.002 (default)", ["method.name=er"]),
     ("er", "lr=0.004", ["method.name=er", "optim.lr=0.004"]),
-    ("gdro", "defaults", ["method.name=gdro"]),
-    ("gdro", "lr=0.004", ["method.name=gdro", "optim.lr=0.004"]),
+    ("gdro", "lam=1 (METHOD.md default)", ["method.name=gdro", "method.lam=1.0"]),
+    ("gdro", "lr=0.004", ["method.name=gdro", "method.lam=1.0", "optim.lr=0.004"]),
     ("gdro", "lam=0.1", ["method.name=gdro", "method.lam=0.1"]),
-    ("gdro", "lam=0.3", ["method.name=gdro", "method.lam=0.3"]),
+    ("gdro", "lam=0.3 (chosen)", ["method.name=gdro", "method.lam=0.3"]),
     ("gdro", "lam=3", ["method.name=gdro", "method.lam=3"]),
-    ("gdro", "beta=0.5", ["method.name=gdro", "method.beta=0.5"]),
-    ("gdro", "gamma=0.5", ["method.name=gdro", "method.gamma=0.5"]),
-    ("gdro", "tau=0.03", ["method.name=gdro", "method.tau=0.03"]),
+    ("gdro", "beta=0.5", ["method.name=gdro", "method.lam=1.0", "method.beta=0.5"]),
+    ("gdro", "gamma=0.5", ["method.name=gdro", "method.lam=1.0", "method.gamma=0.5"]),
+    ("gdro", "tau=0.03", ["method.name=gdro", "method.lam=1.0", "method.tau=0.03"]),
 ]
 
 
