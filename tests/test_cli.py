@@ -23,7 +23,9 @@ def test_results_file_is_complete_and_consistent(gdro_run):
     assert r["config"]["method"]["name"] == "gdro" and r["config"]["memory"]["per_class"] == 3
     R = r["accuracy_matrix"]
     assert len(R) == 2 and R[0][1] is None and all(0 <= v <= 1 for row in R for v in row if v is not None)
-    assert r["metrics"] == metrics(R, r["scenario"]["test_sizes"])
+    assert r["metrics"] == metrics(R, r["scenario"]["test_sizes"], r["accuracy_before_training"])
+    before = r["accuracy_before_training"]
+    assert len(before) == 2 and all(0 <= v <= 1 for v in before)
     assert r["scenario"]["test_sizes"] == [40, 40] and r["scenario"]["train_sizes"] == [80, 80]
     # 4 classes seen, 3 grey 28x28 images each
     assert r["memory"]["images"] == 12 and r["memory"]["bytes"] == 12 * 28 * 28

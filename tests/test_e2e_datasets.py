@@ -58,3 +58,6 @@ def test_dil_on_an_image_folder_with_domains(tmp_path):
     assert len(R) == 3
     for row in R:  # every domain is evaluated after every task: full rows
         assert len(row) == 3 and all(v is not None and 0.0 <= v <= 1.0 for v in row)
+    # the accuracy on a domain before training on it is the row before's entry for that domain
+    before = res["accuracy_before_training"]
+    assert before[1:] == [R[0][1], R[1][2]]

@@ -36,9 +36,11 @@ def test_backward_transfer():
 
 def test_single_task_and_future_accuracy():
     assert forgetting([[0.7]]) == 0.0 and backward_transfer([[0.7]]) == 0.0
-    assert future_accuracy(R) is None
+    assert future_accuracy([]) is None and future_accuracy([0.5]) is None
+    # the first entry (before any training) is not a "future task after learning": left out
+    assert future_accuracy([0.5, 0.2, None, 0.3]) == pytest.approx((0.2 + 0.3) / 2)
     dil = [[0.9, 0.2, 0.1], [0.8, 0.9, 0.3], [0.7, 0.8, 0.9]]
-    assert future_accuracy(dil) == pytest.approx((0.2 + 0.3) / 2)
-    m = metrics(dil, [1, 1, 1])
+    m = metrics(dil, [1, 1, 1], before=[0.1, 0.2, 0.3])
+    assert m["future_accuracy"] == pytest.approx(0.25)
     assert m["last_accuracy"] == pytest.approx(0.8)
     assert m["forgetting"] == pytest.approx(((0.9 - 0.7) + (0.9 - 0.8)) / 2)

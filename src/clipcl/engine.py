@@ -25,7 +25,7 @@ from . import __version__, checkpoint
 from .config import RunCfg, to_dict
 from .data.images import ConcatImageSet, ImageSet
 from .data.scenarios import Scenario, build_scenario
-from .evaluate import accuracy_row, metrics
+from .evaluate import accuracy_before_training, accuracy_row, metrics
 from .memory import ReplayMemory
 from .methods import Batch, Method, make_method
 from .models import ClipBundle, create
@@ -106,6 +106,7 @@ class Progress:
     task: int = 0  # the task being trained (or next to train)
     step: int = 0  # steps done within that task
     rows: list[list[float | None]] = field(default_factory=list)
+    before: list[float | None] = field(default_factory=list)  # accuracy on task t before training on it
     timing: list[dict] = field(default_factory=list)
     nonfinite_skipped: int = 0
     train_seconds: float = 0.0  # within the current task, before the last resume
@@ -290,6 +291,9 @@ class Trainer:
         new, mem = self.task_data(t)
         data = ConcatImageSet([new, mem]) if mem is not None else new
         self._steps = self.total_steps(t)
+        if len(p.before) == t:
+            p.before.append(accuracy_before_training(self.bundle, self.scenario, t, cfg.eval.templates,
+                                                     cfg.eval.batch_size, self.device, self.autocast))
         if p.step == 0 and self.method.trains:
             self.method.before_task(t, len(data), self.scenario.n_seen(t))
             self._start_optimizer()
@@ -346,7 +350,8 @@ class Trainer:
                          "class_order_hash": sc.order_hash, "tasks": [t.name for t in sc.tasks],
                          "train_sizes": [len(t.train) for t in sc.tasks], "test_sizes": sizes},
             "accuracy_matrix": p.rows,
-            "metrics": metrics(p.rows, sizes),
+            "accuracy_before_training": p.before,
+            "metrics": metrics(p.rows, sizes, p.before),
             "timing": {"tasks": p.timing, "train_seconds": round(train_s, 3),
                        "train_images_per_second": round(train_n / train_s, 1) if train_s else None,
                        "peak_memory_bytes": int(peak),

@@ -29,6 +29,24 @@ def image_features(bundle, data: ImageSet, batch_size: int, device: torch.device
 
 
 @torch.no_grad()
+def candidate_text(bundle, classnames: Sequence[str], templates: str, device: torch.device,
+                   autocast: bool = False) -> torch.Tensor:
+    """Normalised text embeddings [C, D] of the candidate classes, averaged over the template set."""
+    tokens = class_tokens(bundle.tokenizer, list(classnames), TEMPLATE_SETS[templates])
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        return text_features(bundle.model, tokens.to(device)).float()
+
+
+@torch.no_grad()
+def task_accuracy(bundle, data: ImageSet, text: torch.Tensor, batch_size: int, device: torch.device,
+                  autocast: bool = False) -> float | None:
+    """Fraction of data whose nearest candidate text is its label (None for no data)."""
+    z = image_features(bundle, data, batch_size, device, autocast)
+    pred = (z @ text.t()).argmax(1).cpu().numpy()
+    return float((pred == data.targets).mean()) if len(pred) else None
+
+
+@torch.no_grad()
 def accuracy_row(bundle, scenario: Scenario, t: int, templates: str, batch_size: int, device: torch.device,
                  autocast: bool = False) -> list[float | None]:
     """Row t of R: accuracy on each task's test data among the candidate classes of step t.
@@ -39,20 +57,28 @@ def accuracy_row(bundle, scenario: Scenario, t: int, templates: str, batch_size:
     model = bundle.model
     was_training = model.training
     model.eval()
-    n_cand = scenario.n_seen(t)
-    tokens = class_tokens(bundle.tokenizer, list(scenario.classnames[:n_cand]), TEMPLATE_SETS[templates])
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        text = text_features(model, tokens.to(device)).float()
-    row: list[float | None] = []
-    for j, task in enumerate(scenario.tasks):
-        if scenario.kind == "cil" and j > t:
-            row.append(None)
-            continue
-        z = image_features(bundle, task.test, batch_size, device, autocast)
-        pred = (z @ text.t()).argmax(1).cpu().numpy()
-        row.append(float((pred == task.test.targets).mean()) if len(pred) else None)
+    text = candidate_text(bundle, scenario.classnames[: scenario.n_seen(t)], templates, device, autocast)
+    row = [None if scenario.kind == "cil" and j > t else
+           task_accuracy(bundle, task.test, text, batch_size, device, autocast)
+           for j, task in enumerate(scenario.tasks)]
     model.train(was_training)
     return row
+
+
+@torch.no_grad()
+def accuracy_before_training(bundle, scenario: Scenario, t: int, templates: str, batch_size: int,
+                             device: torch.device, autocast: bool = False) -> float | None:
+    """Accuracy on task t's test data among the candidates of step t, before task t is trained on.
+
+    For a pretrained model this is its zero-shot accuracy on a task it has not been fine-tuned on yet.
+    """
+    model = bundle.model
+    was_training = model.training
+    model.eval()
+    text = candidate_text(bundle, scenario.classnames[: scenario.n_seen(t)], templates, device, autocast)
+    acc = task_accuracy(bundle, scenario[t].test, text, batch_size, device, autocast)
+    model.train(was_training)
+    return acc
 
 
 def seen_accuracy(R: Matrix, sizes: Sequence[int], t: int) -> float:
@@ -88,13 +114,13 @@ def backward_transfer(R: Matrix) -> float:
     return float(np.mean([R[T][j] - R[j][j] for j in range(T)]))
 
 
-def future_accuracy(R: Matrix) -> float | None:
-    """Mean over j > 0 of R[j-1, j]: accuracy on a task before training on it (None where not evaluated)."""
-    vals = [R[j - 1][j] for j in range(1, len(R)) if j < len(R[j - 1]) and R[j - 1][j] is not None]
+def future_accuracy(before: Sequence[float | None]) -> float | None:
+    """Mean over tasks t >= 1 of the accuracy on task t before training on it (None if there is none)."""
+    vals = [v for v in before[1:] if v is not None]
     return float(np.mean(vals)) if vals else None
 
 
-def metrics(R: Matrix, sizes: Sequence[int]) -> dict[str, float | None]:
+def metrics(R: Matrix, sizes: Sequence[int], before: Sequence[float | None] = ()) -> dict[str, float | None]:
     """Every metric of METHOD.md for the rows of R computed so far."""
     if not R:
         return {}
@@ -103,5 +129,5 @@ def metrics(R: Matrix, sizes: Sequence[int]) -> dict[str, float | None]:
         "last_accuracy": last_accuracy(R, sizes),
         "forgetting": forgetting(R),
         "backward_transfer": backward_transfer(R),
-        "future_accuracy": future_accuracy(R),
+        "future_accuracy": future_accuracy(before),
     }
