@@ -24,6 +24,8 @@ GRID = [
     ("gdro", "lam=0.1", ["method.name=gdro", "method.lam=0.1"]),
     ("gdro", "lam=0.3 (chosen)", ["method.name=gdro", "method.lam=0.3"]),
     ("gdro", "lam=3", ["method.name=gdro", "method.lam=3"]),
+    ("gdro", "lam=0.3 max_weight=0.3", ["method.name=gdro", "method.lam=0.3", "method.max_weight=0.3"]),
+    ("gdro", "lam=0.3 max_weight=0.2", ["method.name=gdro", "method.lam=0.3", "method.max_weight=0.2"]),
     ("gdro", "beta=0.5", ["method.name=gdro", "method.lam=1.0", "method.beta=0.5"]),
     ("gdro", "gamma=0.5", ["method.name=gdro", "method.lam=1.0", "method.gamma=0.5"]),
     ("gdro", "tau=0.03", ["method.name=gdro", "method.lam=1.0", "method.tau=0.03"]),
