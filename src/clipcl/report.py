@@ -108,6 +108,7 @@ def plot_comparison(runs: dict[str, dict], path: Path) -> None:
     for name, r in runs.items():
         R, sizes = r["accuracy_matrix"], r["scenario"]["test_sizes"]
         ax.plot(range(1, len(R) + 1), [100 * seen_accuracy(R, sizes, t) for t in range(len(R))], marker="o", label=name)
+    ax.set_xticks(range(1, 1 + max((len(r["accuracy_matrix"]) for r in runs.values()), default=0)))
     ax.set_xlabel("after task")
     ax.set_ylabel("accuracy on seen test data (%)")
     ax.set_ylim(0, 100)
