@@ -1,6 +1,7 @@
 """Datasets, image containers and continual-learning scenarios."""
 from .images import ConcatImageSet, ImageSet, TensorStore
-from .scenarios import Scenario, Task, build_scenario, class_incremental, domain_incremental
+from .scenarios import (Scenario, Task, build_scenario, class_incremental, domain_incremental, fingerprint_diff,
+                        verify_images)
 
 __all__ = ["ImageSet", "ConcatImageSet", "TensorStore", "Scenario", "Task", "build_scenario",
-           "class_incremental", "domain_incremental"]
+           "class_incremental", "domain_incremental", "fingerprint_diff", "verify_images"]

@@ -316,6 +316,14 @@ def _scan_classes(split_dir: Path, classes: list[str], workers: int = 16) -> tup
     return paths, labels, [c for c, fs in zip(classes, per_class) if not fs]
 
 
+def _empty_classes_warning(where: str, what: str, empty: list[str]) -> str:
+    """One line naming classes without images in a split: such a class is never learnt (training) or never
+    measured (test), which a user should hear about before the run rather than from odd accuracies."""
+    more = ", ..." if len(empty) > 10 else ""
+    noun = "class" if len(empty) == 1 else "classes"
+    return f"{where}{len(empty)} {noun} without {what} images: {', '.join(empty[:10])}{more}"
+
+
 def _read_imagenet_names() -> dict[str, str]:
     text = (RESOURCES / "imagenet_classes.tsv").read_text()
     return dict(line.split("\t", 1) for line in text.splitlines() if line.strip())
@@ -364,8 +372,7 @@ def _imagenet(cfg: ScenarioCfg, name: str, wnids: list[str] | None) -> Dataset:
     for split, what in (("train", "training"), ("val", "test")):
         paths, labels, empty = _scan_classes(root / split, wnids)
         if empty:
-            notes["warnings"].append(f"{len(empty)} classes without {what} images in {root / split}: "
-                                     f"{', '.join(empty[:10])}")
+            notes["warnings"].append(_empty_classes_warning(f"{root / split}: ", what, empty))
         index.add(paths, labels)
     train, test = index.build(cfg, notes)
     return Dataset(name, names, train=train, test=test, shipped_order=pycil_order(len(wnids)), notes=notes)
@@ -435,6 +442,11 @@ def load_domainnet(cfg: ScenarioCfg) -> Dataset:
         raise ConfigError(f"DomainNet lists in {root}: labels {sorted(set(range(n)) - set(folder_of))[:5]} never "
                           "occur, so their class names are unknown.")
     names = [folder_of[y].replace("_", " ") for y in range(n)]
+    for d, splits in lists.items():
+        for (rel, labels), what in zip(splits, ("training", "test")):
+            empty = sorted(set(range(n)) - set(labels.tolist()))
+            if empty:
+                notes["warnings"].append(_empty_classes_warning(f"domain {d}: ", what, [names[y] for y in empty]))
     index = _FileIndex()
     order = []
     for d, splits in lists.items():
@@ -498,8 +510,7 @@ def load_imagefolder(cfg: ScenarioCfg) -> Dataset:
         for split_dir, what in ((tr, "training"), (te, "test")):
             paths, labels, empty = _scan_classes(split_dir, folders)
             if empty:
-                where = f"domain {d}: " if d else ""
-                notes["warnings"].append(f"{where}{len(empty)} classes without {what} images: {', '.join(empty[:10])}")
+                notes["warnings"].append(_empty_classes_warning(f"domain {d}: " if d else "", what, empty))
             index.add(paths, labels)
     sets = index.build(cfg, notes)
     if "" in parts:

@@ -7,14 +7,18 @@ relabelled class orders and per-task splits cost no copies of the images.
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+import os
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from ..config import ConfigError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 class Store(Protocol):
@@ -36,6 +40,30 @@ class TensorStore:
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+DEEP_GREY_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # PIL modes that convert("RGB") clips instead of scaling
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one short line (the form unreadable files are reported in)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _deep_grey_to_l(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float greyscale image as 8-bit 'L', its range scaled rather than clipped.
+
+    PIL's convert() clips these modes to 0..255, so a 16-bit scan comes out almost white. Integers are read
+    as 0..65535 (or 0..max when a 32-bit image goes beyond that); floats as 0..1 when none exceeds 1,
+    otherwise as 0..255.
+    """
+    from PIL import Image
+
+    x = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0)
+    top = float(x.max(initial=0.0))
+    if img.mode == "F":
+        scale = 255.0 if top <= 1.0 else 1.0
+    else:
+        scale = 255.0 / max(top, 65535.0)
+    return Image.fromarray(np.clip(np.rint(x * scale), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
@@ -49,7 +77,7 @@ def decode_image(path: str, size: int) -> np.ndarray:
 
     with Image.open(path) as img:
         img.draft("RGB", (size, size))
-        img = img.convert("RGB")
+        img = (_deep_grey_to_l(img) if img.mode in DEEP_GREY_MODES else img).convert("RGB")
         w, h = img.size
         side = min(w, h)
         left, top = (w - side) / 2, (h - side) / 2
@@ -65,8 +93,34 @@ def _decode_chunk(paths: list[str], size: int) -> tuple[np.ndarray, list[tuple[i
         try:
             out[k] = decode_image(path, size)
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-            bad.append((k, f"{type(e).__name__}: {e}"))
+            bad.append((k, _reason(e)))
     return out, bad
+
+
+def check_image(path: str) -> str | None:
+    """Why a file is not a readable image, or None if it is: a header check, much cheaper than decoding.
+
+    A missing or empty file is bad; otherwise PIL opens the file and verify()s it, which checks the chunk
+    checksums of a PNG but reads no pixels of a JPEG: a JPEG cut short after its header passes here and is
+    caught when FileStore.read() decodes it.
+    """
+    from PIL import Image
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as img:
+            img.verify()
+    except FileNotFoundError:
+        return "file not found"
+    except Exception as e:  # as in _decode_chunk: PIL's errors come in many types
+        return _reason(e)
+    return None
+
+
+def _check_chunk(paths: list[str]) -> list[str | None]:
+    """check_image over several files: one thread-pool task per chunk, not per file."""
+    return [check_image(p) for p in paths]
 
 
 class FileStore:
@@ -77,8 +131,8 @@ class FileStore:
     An unreadable file stops the run with a ConfigError naming it, unless skip_bad is true: then it is
     replaced by the next readable image of the same group (groups: one id per class and split, so a test
     image is never replaced by a training image) and recorded in `self.bad` (path -> reason), which
-    Dataset.notes shares. Files are not checked when the dataset is indexed: opening a million files
-    up front would cost more than the run's first epoch.
+    Dataset.notes shares. Files are not checked when the dataset is indexed (a scenario uses only some of
+    them); verify() header-checks the ones a scenario uses, and files it puts in `bad` are never decoded.
     """
 
     def __init__(self, paths: Sequence[str], size: int, workers: int = 0, skip_bad: bool = False,
@@ -113,8 +167,34 @@ class FileStore:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method))
         return self._pool
 
+    def verify(self, store_indices: np.ndarray, workers: int = 16) -> dict[int, str]:
+        """Header-check the files at these store indices (check_image): {store index: reason} of the bad ones.
+
+        Ascending index order, so the first entry is the first bad file in the dataset's own order. The
+        checks run in `workers` threads (0 or 1: in this one): they mostly wait on the disk, and threads
+        overlap those waits. Files go to the threads in chunks, which keeps a million of them cheap to queue.
+        """
+        index = np.unique(np.asarray(store_indices, dtype=np.int64))
+        paths = [self.paths[i] for i in index]
+        chunks = [paths[s:s + 256] for s in range(0, len(paths), 256)]
+        if workers <= 1:
+            reasons = [why for chunk in chunks for why in _check_chunk(chunk)]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                reasons = [why for part in pool.map(_check_chunk, chunks) for why in part]
+        return {int(i): why for i, why in zip(index, reasons) if why is not None}
+
     def read(self, index: np.ndarray) -> torch.Tensor:
         index = np.asarray(index, dtype=np.int64).reshape(-1)
+        known = [k for k, i in enumerate(index) if self.paths[i] in self.bad]
+        if known:  # files already found bad (by verify() or an earlier read) are substituted, not decoded again
+            images = np.empty((len(index), 3, self.size, self.size), dtype=np.uint8)
+            fresh = np.setdiff1d(np.arange(len(index)), known)
+            if len(fresh):
+                images[fresh] = self.read(index[fresh]).numpy()
+            for k in known:
+                images[k] = self._substitute(int(index[k]), self.bad[self.paths[index[k]]])
+            return torch.from_numpy(images)
         paths = [self.paths[i] for i in index]
         if self.workers == 0 or len(paths) < 2:
             images, bad = _decode_chunk(paths, self.size)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -14,7 +16,7 @@ import numpy as np
 
 from ..config import ConfigError, ScenarioCfg
 from .datasets import Dataset, load_dataset
-from .images import ImageSet
+from .images import FileStore, ImageSet
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,141 @@ class Scenario:
         blob = json.dumps({"order": list(self.class_order), "names": list(self.classnames),
                            "tasks": [t.name for t in self.tasks]})
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def fingerprint(self) -> dict:
+        """What the stream is made of, as plain JSON types: a resumed run must see the same data.
+
+        Names, order and sizes say what changed in words (fingerprint_diff); a 16-hex-digit sha256 per task
+        split catches the rest: for files, their paths relative to the dataset root (so a moved dataset
+        still matches) with their labels; for in-memory images, the pixels with their labels.
+        """
+        root = self.notes.get("root", "")
+        return {"kind": self.kind, "classnames": list(self.classnames), "class_order": list(self.class_order),
+                "tasks": [t.name for t in self.tasks],
+                "train_sizes": [len(t.train) for t in self.tasks], "test_sizes": [len(t.test) for t in self.tasks],
+                "train_hashes": [_content_hash(t.train, root) for t in self.tasks],
+                "test_hashes": [_content_hash(t.test, root) for t in self.tasks]}
+
+
+def _content_hash(images: ImageSet, root: str) -> str:
+    """sha256 (16 hex digits) of one split: its files' paths below root, or its pixels; then its labels."""
+    h = hashlib.sha256()
+    store = getattr(images, "store", None)
+    if isinstance(store, FileStore):
+        prefix = os.path.join(root, "") if root else ""
+        paths = (store.paths[i] for i in images.index)
+        # surrogateescape: file names that are not valid UTF-8 still hash (as their original bytes)
+        h.update("\0".join(p[len(prefix):] if p.startswith(prefix) else p for p in paths)
+                 .encode("utf-8", "surrogateescape"))
+    elif len(images):
+        pixels = images.load(np.arange(len(images))).contiguous().numpy()
+        h.update(repr(pixels.shape).encode())
+        h.update(pixels)
+    h.update(b"\0labels")
+    h.update(images.targets.astype("<i8").tobytes())
+    return h.hexdigest()[:16]
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """A task or class name cut to fit a one-line message (CIL task names list all their classes)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    """The first few names and how many more: ImageNet-sized changes still fit on a line."""
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def fingerprint_diff(old: dict, new: dict, max_parts: int = 6) -> str:
+    """Empty if two Scenario.fingerprint()s match, else one line saying what changed, the most telling first.
+
+    Class changes come first; a task whose name changed is reported by name alone (its sizes and files
+    differ as a consequence); then sizes, then same-size content changes. At most max_parts are named.
+    """
+    parts = []
+    if old.get("kind") != new.get("kind"):
+        parts.append(f"kind {old.get('kind')} -> {new.get('kind')}")
+    old_names, new_names = list(old.get("classnames", [])), list(new.get("classnames", []))
+    added = [c for c in new_names if c not in old_names]
+    removed = [c for c in old_names if c not in new_names]
+    for names, what in ((added, "added"), (removed, "removed")):
+        if names:
+            parts.append(f"{'class' if len(names) == 1 else 'classes'} {what}: {_listing(names)}")
+    if not added and not removed and (old_names != new_names or old.get("class_order") != new.get("class_order")):
+        k = next((k for k, (a, b) in enumerate(zip(old_names, new_names)) if a != b), None)
+        parts.append("class order changed" + (f" (position {k}: {_short(new_names[k])!r}, was "
+                                                f"{_short(old_names[k])!r})" if k is not None else ""))
+    old_tasks, new_tasks = list(old.get("tasks", [])), list(new.get("tasks", []))
+    if len(old_tasks) != len(new_tasks):
+        parts.append(f"number of tasks {len(old_tasks)} -> {len(new_tasks)}")
+    for t, (was, now) in enumerate(zip(old_tasks, new_tasks)):
+        if was != now:
+            parts.append(f"task {t} is {_short(now)!r}, was {_short(was)!r}")
+            continue
+        for split, what in (("train", "training"), ("test", "test")):
+            sizes = [fp.get(f"{split}_sizes", [])[t:t + 1] for fp in (old, new)]
+            hashes = [fp.get(f"{split}_hashes", [])[t:t + 1] for fp in (old, new)]
+            if sizes[0] != sizes[1]:
+                counts = [str(s[0]) if s else "?" for s in sizes]
+                parts.append(f"task {t} ({_short(now)}): {what} images {counts[0]} -> {counts[1]}")
+            elif hashes[0] != hashes[1]:
+                parts.append(f"task {t} ({_short(now)}): the {what} images differ (same count)")
+    if len(parts) > max_parts:
+        parts = parts[:max_parts] + [f"{len(parts) - max_parts} more differences"]
+    return "; ".join(parts)
+
+
+def verify_images(scenario: Scenario, workers: int = 16) -> dict:
+    """Header-check every image file the scenario's tasks use, so a bad file stops the run before training.
+
+    Only the positions the tasks keep are checked (train and test of every task, after per-class limits);
+    in-memory images need no check. Returns {"files": files checked, "bad": unreadable files, "seconds":
+    time taken}. Bad files raise a ConfigError naming the first, unless the store skips bad images
+    (scenario.skip_bad_images=true): then they go into its `bad` record up front (substituted on every
+    read, counted in notes['unreadable_images']) and notes['warnings'] gets a line about them.
+    """
+    start = time.perf_counter()
+    used: dict[int, tuple[FileStore, list[np.ndarray]]] = {}
+    for task in scenario.tasks:
+        for images in (task.train, task.test):
+            store = getattr(images, "store", None)
+            if isinstance(store, FileStore):
+                used.setdefault(id(store), (store, []))[1].append(images.index)
+    files, bad = 0, {}
+    for store, parts in used.values():
+        index = np.unique(np.concatenate(parts))
+        files += len(index)
+        found = store.verify(index, workers)
+        named = {store.paths[i]: why for i, why in found.items()}
+        if named and not store.skip_bad:
+            first, why = next(iter(named.items()))
+            raise ConfigError(f"{len(named)} of the {len(index)} image files this scenario uses are unreadable; the "
+                              f"first is '{first}' ({why}). Replace or delete them, or set scenario.skip_bad_images="
+                              "true to replace each by another image of its class (counted in results.json).")
+        if named:
+            _check_replaceable(store, np.fromiter(found, dtype=np.int64))
+            store.bad.update(named)
+            bad.update(named)
+    if bad:
+        first, why = next(iter(bad.items()))
+        line = f"skipped {len(bad)} unreadable images, each replaced by another of its class (first: {first}: {why})"
+        warnings = scenario.notes.setdefault("warnings", [])
+        if line not in warnings:  # the scenario may be verified again (a resumed run)
+            warnings.append(line)
+    return {"files": files, "bad": len(bad), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _check_replaceable(store: FileStore, bad: np.ndarray) -> None:
+    """A ConfigError if every file of some class and split is bad: read() would find no stand-in mid-run."""
+    groups, sizes = np.unique(store.groups, return_counts=True)
+    bad_groups, bad_sizes = np.unique(store.groups[bad], return_counts=True)
+    full = np.flatnonzero(bad_sizes == sizes[np.searchsorted(groups, bad_groups)])
+    if len(full):
+        first = store.paths[bad[store.groups[bad] == bad_groups[full[0]]][0]]
+        raise ConfigError(f"every image file of the class and split of '{first}' ({bad_sizes[full[0]]} files) is "
+                          "unreadable, so none is left to replace them (scenario.skip_bad_images=true); replace "
+                          "the files, or remove the class.")
 
 
 def class_order(n_classes: int, cfg: ScenarioCfg, shipped: Sequence[int] | None = None) -> list[int]:
