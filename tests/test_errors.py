@@ -9,6 +9,7 @@ import torch
 
 from clipcl import checkpoint
 from clipcl.cli import main
+from cli_checks import fail
 from clipcl.config import load_config
 from clipcl.data import datasets
 from clipcl.engine import Trainer
@@ -18,16 +19,6 @@ from clipcl.methods import GDRO
 TINY = ["scenario.train_per_class=20", "scenario.test_per_class=10", "scenario.n_tasks=1", "optim.epochs=1",
         "optim.batch_size=16", "method.name=gdro", "memory.per_class=2", "eval.batch_size=64"]
 ZEROSHOT = [*TINY, "method.name=zeroshot"]
-
-
-def fail(argv, capsys, code=2):
-    """Run the CLI expecting failure; returns stderr after checking it is one 'clipcl: error:' paragraph."""
-    assert main(argv) == code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("clipcl: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +99,15 @@ def test_non_empty_out_refused_without_resume_or_overwrite(tmp_path, capsys):
     out.mkdir()
     (out / "precious.txt").write_text("old results")
     err = fail(["run", "fmnist-cil", *TINY, "--out", str(out)], capsys)
-    assert "not empty" in err and "--resume" in err and "--overwrite" in err and str(out) in err
+    assert "not empty and holds no clipcl run" in err and "choose another --out" in err and str(out) in err
     assert (out / "precious.txt").read_text() == "old results"
+
+
+def test_non_empty_run_folder_suggests_resume_or_overwrite(finished_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    err = fail(["run", "fmnist-cil", *TINY, "--out", str(out)], capsys)
+    assert "is not empty" in err and "--resume" in err and "--overwrite" in err and str(out) in err
 
 
 def test_overwrite_with_an_invalid_config_keeps_the_old_run(tmp_path, capsys):
@@ -125,15 +123,16 @@ def test_overwrite_with_an_invalid_config_keeps_the_old_run(tmp_path, capsys):
 def test_overwrite_replaces_a_finished_run(finished_run, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(finished_run, out)
-    (out / "stale.txt").write_text("x")
+    (out / "notes.txt").write_text("the user's own file")
     assert main(["run", "fmnist-cil", *ZEROSHOT, "seed=3", "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "stale.txt").exists()
+    assert (out / "notes.txt").read_text() == "the user's own file"  # clipcl removes only what it wrote
+    assert "kept 1 file(s)" in capsys.readouterr().err
     assert json.loads((out / "results.json").read_text())["config"]["seed"] == 3
 
 
 def test_resume_without_checkpoint(tmp_path, capsys):
     err = fail(["run", "fmnist-cil", *TINY, "--out", str(tmp_path / "nothing"), "--resume"], capsys)
-    assert "no checkpoint" in err and "without --resume" in err
+    assert "nothing to resume" in err and "without --resume" in err
 
 
 # ---------------------------------------------------------------------- unreadable checkpoints

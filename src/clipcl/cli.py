@@ -1,40 +1,32 @@
-"""The command line: clipcl run | demo | report | list."""
+"""The command line: clipcl run | resume | demo | report | list.
+
+Only the light modules (config, rundir, checkpoint names, files, errors) are imported at start-up, so that
+`clipcl --help` and every mistake in the command answer at once; torch comes with the commands that train.
+"""
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
+from . import rundir
 from .checkpoint import CHECKPOINT_NAME, CheckpointError
-from .config import ConfigError, RunCfg, apply_overrides, load_config, to_dict, valid_keys
+from .config import ConfigError, RunCfg, apply_overrides, from_dict, load_config, to_dict, valid_keys
+from .errors import Interrupted, NonFiniteLoss
+from .files import OutputError, write_text
 
 DEMO_METHODS = ("zeroshot", "finetune", "er", "gcl", "gdro", "joint")
 
 
-def _prepare_out(out: Path, overwrite: bool, resume: bool, wipe: bool = True) -> None:
-    """Refuse to write into a non-empty folder unless told to resume or overwrite (then, if wipe, empty it)."""
-    if resume:
-        if not (out / CHECKPOINT_NAME).is_file():
-            raise CheckpointError(f"--resume: no checkpoint in '{out}' ({CHECKPOINT_NAME} missing). "
-                                  "Start the run without --resume.")
-        return
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"output folder '{out}' is not empty. Use --resume to continue the run in it, "
-                              "--overwrite to replace it, or choose another --out.")
-        if wipe:
-            shutil.rmtree(out)
-
-
-def run_one(cfg: RunCfg, out: Path, resume: bool = False, quiet: bool = False, trainer=None) -> dict:
-    """Run one config into out (library entry point used by run, demo and the study script)."""
+def run_one(cfg: RunCfg, out: Path, resume: bool = False, quiet: bool = False, trainer=None,
+            overwrite: bool = False) -> dict:
+    """Run one config into out (library entry point used by run, resume, demo and the study script)."""
     from .engine import Trainer
 
-    trainer = trainer or Trainer(cfg, out)
+    trainer = trainer or Trainer(cfg, out, overwrite=overwrite, quiet=quiet)
     results = trainer.run(resume=resume)
     if not quiet:
         m = results["metrics"]
@@ -43,17 +35,45 @@ def run_one(cfg: RunCfg, out: Path, resume: bool = False, quiet: bool = False, t
     return results
 
 
+def stored_config(out: Path) -> RunCfg:
+    """The resolved config a run stored in its checkpoint (read memory-mapped: only the config is used)."""
+    from . import checkpoint
+
+    state = checkpoint.read(out / CHECKPOINT_NAME, mmap=True)
+    try:
+        return from_dict(state.get("config") or {})
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint '{out / CHECKPOINT_NAME}' holds a config this clipcl rejects ({e}). "
+                              "Resume it with the clipcl that wrote it.") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.out)
+    out = rundir.check(args.out, args.overwrite, args.resume)  # refuse early, before the slow part
+    if args.config is None:
+        if not args.resume:
+            raise ConfigError("clipcl run needs a config (a YAML file or a benchmark name, 'clipcl list "
+                              "benchmarks'); only --resume may leave it out, to use the run's stored config.")
+        if args.overrides:
+            raise ConfigError("overrides without a config: with --resume and no config, the run's stored config "
+                              "is used as it is.")
+        cfg = stored_config(out)
+    else:
+        cfg = load_config(args.config, args.overrides)
     from .engine import Trainer
 
-    _prepare_out(out, args.overwrite, args.resume, wipe=False)  # refuse early, before the slow part
-    # Building the trainer loads the dataset, cuts the scenario and creates the model: every mistake in
-    # them surfaces here, before --overwrite deletes the old run.
-    trainer = Trainer(cfg, out)
-    _prepare_out(out, args.overwrite, args.resume)
-    run_one(cfg, out, resume=args.resume, trainer=trainer)
+    # Building the trainer loads and checks the data, cuts the scenario and creates the model: every mistake
+    # in them surfaces here, before run() claims the folder (and --overwrite removes the old run's files).
+    trainer = Trainer(cfg, out, overwrite=args.overwrite, quiet=args.quiet)
+    run_one(cfg, out, resume=args.resume, quiet=args.quiet, trainer=trainer)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    out = rundir.check(args.dir, resume=True)
+    cfg = stored_config(out)
+    from .engine import Trainer
+
+    run_one(cfg, out, resume=True, quiet=args.quiet, trainer=Trainer(cfg, out, quiet=args.quiet))
     return 0
 
 
@@ -63,20 +83,33 @@ def demo_config(overrides: list[str]) -> RunCfg:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .methods import METHOD_DOCS
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else DEMO_METHODS
+    unknown = [m for m in methods if m not in METHOD_DOCS]
+    if unknown or not methods:
+        raise ConfigError(f"--methods {args.methods!r}: unknown method(s) {', '.join(unknown) or '(none given)'}. "
+                          f"Known methods: {', '.join(METHOD_DOCS)}.")
+    base = demo_config(args.overrides)
+    configs = {name: apply_overrides(base, [f"method.name={name}"]) for name in methods}  # all checked first
+    out = rundir.check(args.out, args.overwrite, demo=True, methods=methods)
+    from .engine import Trainer
     from .report import plot_comparison, summary_table
 
-    out = Path(args.out)
-    methods = args.methods.split(",") if args.methods else list(DEMO_METHODS)
-    base = demo_config(args.overrides)
-    _prepare_out(out, args.overwrite, False)
+    first = Trainer(configs[methods[0]], out / methods[0], overwrite=args.overwrite, quiet=args.quiet)
+    kept = rundir.claim(out, args.overwrite, demo=True, methods=methods)  # data and model are fine
+    if kept:
+        print(f"clipcl: note: kept {len(kept)} entries of '{out}' that the demo did not write: "
+              + ", ".join(kept[:5]), file=sys.stderr)
     runs, start = {}, time.perf_counter()
     for name in methods:
-        cfg = apply_overrides(base, [f"method.name={name}"])
-        runs[name] = run_one(cfg, out / name)
+        trainer = first if name == methods[0] else Trainer(configs[name], out / name, overwrite=args.overwrite,
+                                                           quiet=args.quiet)
+        runs[name] = run_one(configs[name], out / name, quiet=args.quiet, trainer=trainer)
     table = summary_table(runs)
     header = (f"# clipcl demo: fmnist-cil, {base.memory.per_class} images per class in memory, "
               f"model {base.model.name}, seed {base.seed}\n\n")
-    (out / "summary.md").write_text(header + table + f"\nTotal wall time: {time.perf_counter() - start:.0f} s\n")
+    write_text(out / "summary.md", header + table + f"\nTotal wall time: {time.perf_counter() - start:.0f} s\n")
     plot_comparison(runs, out / "comparison.png")
     print("\n" + table)
     print(f"demo done in {time.perf_counter() - start:.0f} s; results in {out}/<method>/results.json, "
@@ -85,17 +118,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import load_results, plot_comparison, summary_table
+    from .report import collect_runs, plot_comparison, summary_table
 
-    runs = {}
-    for d in args.dirs:
-        path = Path(d) / "results.json" if Path(d).is_dir() else Path(d)
-        if not path.is_file():
-            raise ConfigError(f"no results.json at '{path}'. Give run folders written by 'clipcl run'.")
-        runs[path.parent.name] = load_results(path)
+    plot = Path(args.plot) if args.plot else None
+    if plot and (plot.is_dir() or not plot.parent.is_dir()):  # refuse before anything is printed or written
+        why = ("is a folder; give a file name in it, e.g. " + str(plot / "comparison.png") if plot.is_dir() else
+               f"is in a folder that does not exist ('{plot.parent}'); create the folder or choose another path")
+        raise ConfigError(f"--plot '{plot}' {why}.")
+    runs, warnings = collect_runs(args.dirs)
+    for w in warnings:
+        print(f"clipcl: warning: {w}", file=sys.stderr)
     print(summary_table(runs))
-    if args.plot:
-        plot_comparison(runs, Path(args.plot))
+    if plot:
+        plot_comparison(runs, plot)  # an unwritable path is an OutputError, which main reports in one line
     return 0
 
 
@@ -138,19 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipcl", description="Continual learning of CLIP with a tiny replay memory.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run one config: clipcl run CONFIG [key=value ...] --out DIR")
-    r.add_argument("config", help="a YAML file or a shipped benchmark name (clipcl list benchmarks)")
+    r.add_argument("config", nargs="?", help="a YAML file or a shipped benchmark name (clipcl list benchmarks); "
+                   "may be left out with --resume")
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.name=gdro memory.per_class=5 seed=1")
-    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--out", required=True, help="output folder (new or empty)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the clipcl run in --out (only clipcl's files are removed, after every check)")
+    r.add_argument("--quiet", action="store_true", help="no progress lines, only warnings and errors")
     r.set_defaults(fn=cmd_run)
+    rs = sub.add_parser("resume", help="continue a stopped run with its stored config: clipcl resume DIR")
+    rs.add_argument("dir", help="the run's folder (holding checkpoint.pt)")
+    rs.add_argument("--quiet", action="store_true", help="no progress lines, only warnings and errors")
+    rs.set_defaults(fn=cmd_resume)
     d = sub.add_parser("demo", help="every method on fmnist-cil with 10 images per class in memory")
     d.add_argument("overrides", nargs="*", help="dotted overrides applied to every method's run")
     d.add_argument("--out", default="demo_out")
     d.add_argument("--methods", default="", help=f"comma-separated subset of {','.join(DEMO_METHODS)}")
-    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--overwrite", action="store_true", help="replace the demo output in --out")
+    d.add_argument("--quiet", action="store_true", help="no progress lines, only warnings and errors")
     d.set_defaults(fn=cmd_demo)
-    rp = sub.add_parser("report", help="compare finished runs: clipcl report DIR [DIR ...]")
+    rp = sub.add_parser("report", help="compare runs: clipcl report DIR [DIR ...]")
     rp.add_argument("dirs", nargs="+")
     rp.add_argument("--plot", default="", help="also write a comparison plot to this PNG")
     rp.set_defaults(fn=cmd_report)
@@ -161,9 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user mistakes print one paragraph and exit non-zero, without a traceback."""
-    from .engine import Interrupted, NonFiniteLoss
-
+    """Entry point: a mistake or a stop prints one 'clipcl: error:' line and exits non-zero, no traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
@@ -173,9 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"clipcl: error: {e}", file=sys.stderr)
         return 3
+    except OutputError as e:
+        print(f"clipcl: error: {e.strerror or e}", file=sys.stderr)
+        return 4
     except Interrupted as e:
-        print(f"clipcl: {e}; checkpoint written. Continue with: clipcl run ... --out {e.out_dir} --resume "
-              "(same config and overrides).", file=sys.stderr)
+        print(f"clipcl: {e}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print("clipcl: interrupted before training started; nothing to resume.", file=sys.stderr)

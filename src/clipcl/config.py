@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -137,8 +138,30 @@ def _check(ok: bool, key: str, value: Any, what: str) -> None:
         raise ConfigError(f"config key '{key}' = {value!r}: {what}")
 
 
+def _check_finite(cfg: Any, prefix: str = "") -> None:
+    """Every float of the config is a real number: inf and nan pass every range check and fail much later."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            _check_finite(value, prefix + f.name + ".")
+        elif isinstance(value, float):
+            _check(math.isfinite(value), prefix + f.name, value, "must be a finite number")
+
+
 def validate(cfg: RunCfg) -> None:
-    """Check values that no type can express; raise ConfigError naming the key."""
+    """Check values that no type can express; raise ConfigError naming the key.
+
+    Everything that can be checked without data or a model is checked here, so that a bad value fails
+    before any work starts (and before --overwrite replaces an old run).
+    """
+    _check_finite(cfg)
+    _check(cfg.seed >= 0, "seed", cfg.seed, "must be 0 or more (seeds are non-negative integers)")
+    _check(cfg.scenario.order_seed >= 0, "scenario.order_seed", cfg.scenario.order_seed,
+           "must be 0 or more (seeds are non-negative integers)")
+    _check(bool(cfg.model.name.strip()), "model.name", cfg.model.name,
+           "must name an open_clip architecture ('clipcl list models')")
+    _check(bool(cfg.scenario.dataset.strip()), "scenario.dataset", cfg.scenario.dataset,
+           "must name a dataset ('clipcl list datasets')")
     for key, choices in CHOICES.items():
         value = get_value(cfg, key)
         _check(value in choices, key, value, f"must be one of {', '.join(choices)}")
@@ -234,7 +257,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             f = float(value)
         except ValueError:
             raise ConfigError(f"config key '{key}' = {value!r}: expected a whole number") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"config key '{key}' = {value!r}: expected a whole number")
         return int(f)
     if typ is float:
@@ -306,9 +329,15 @@ def load_config(path_or_name: str | Path, overrides: list[str] | None = None) ->
 
     path = config_path(str(path_or_name))
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not a text file (not UTF-8). Give a YAML file of "
+                          "config keys, or a shipped benchmark name ('clipcl list benchmarks').") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{path}': {e.strerror or e}.") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        detail = " ".join(str(e).split())
+        raise ConfigError(f"config file '{path}' is not valid YAML: {detail}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
     try:

@@ -21,28 +21,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import __version__, checkpoint
-from .config import RunCfg, to_dict
+from . import __version__, checkpoint, rundir
+from .config import ConfigError, RunCfg, to_dict
 from .data.images import ConcatImageSet, ImageSet
-from .data.scenarios import Scenario, build_scenario
-from .evaluate import accuracy_before_training, accuracy_row, metrics
+from .data.scenarios import Scenario, build_scenario, fingerprint_diff, verify_images
+from .errors import Interrupted, NonFiniteLoss
+from .evaluate import accuracy_before_training, accuracy_row, metrics, seen_accuracy
+from .files import OutputError
 from .memory import ReplayMemory
 from .methods import Batch, Method, make_method
 from .models import ClipBundle, create
 from .prompts import DEFAULT_TEMPLATES, class_tokens
 from .report import write_outputs, write_results_json
-
-
-class NonFiniteLoss(RuntimeError):
-    """A training loss that is inf or nan."""
-
-
-class Interrupted(RuntimeError):
-    """SIGINT or SIGTERM arrived; a checkpoint was written."""
-
-    def __init__(self, signum: int, out_dir: Path):
-        self.signum, self.out_dir = signum, out_dir
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
 def seeded(*keys: int) -> torch.Generator:
@@ -73,9 +63,13 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present."""
+    """'auto' picks CUDA when present; 'cuda' without a usable GPU is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ConfigError(f"config key 'device' = {name!r}: {why}. Use device=auto (CUDA when present) or "
+                          "device=cpu.")
     return torch.device(name)
 
 
@@ -111,18 +105,38 @@ class Progress:
     nonfinite_skipped: int = 0
     train_seconds: float = 0.0  # within the current task, before the last resume
     images_seen: int = 0  # within the current task
+    loss_sum: float = 0.0  # of the logged training loss, within the current task
+    loss_steps: int = 0
+
+
+def say(line: str) -> None:
+    """One line on stderr, flushed: progress must reach logs of runs without a terminal (nohup, SLURM, CI)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 class Trainer:
-    """Runs a config's whole stream of tasks, writing checkpoints and results into out_dir."""
+    """Runs a config's whole stream of tasks, writing checkpoints and results into out_dir.
+
+    Everything that can fail on bad input (config, device, data and its images, model) is built and checked
+    here, before anything is written. `run()` then claims out_dir: a new or empty folder, the folder of this
+    run with `resume=True`, or an old clipcl run's folder with `overwrite=True` (its files are replaced; see
+    rundir.py). A non-empty folder is refused otherwise.
+    """
 
     def __init__(self, cfg: RunCfg, out_dir: Path | str, scenario: Scenario | None = None,
-                 progress_bar: bool | None = None):
+                 progress_bar: bool | None = None, overwrite: bool = False, quiet: bool = False):
         self.cfg = cfg
         self.out_dir = Path(out_dir)
+        self.overwrite, self.quiet = overwrite, quiet
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)  # model initialisation is the one use of the global generator
         self.scenario = scenario or build_scenario(cfg.scenario, cfg.seed)
+        checked = verify_images(self.scenario)  # a corrupt file stops the run here, not in the middle of it
+        if checked["files"] and not quiet:
+            say(f"clipcl: checked {checked['files']} image files in {checked['seconds']:.1f} s")
+        for warning in self.scenario.notes.get("warnings", []):
+            say(f"clipcl: warning: {warning}")
+        self.fingerprint = self.scenario.fingerprint()
         self.bundle: ClipBundle = create(cfg.model, self.device)
         self.method: Method = make_method(cfg.method)
         self.memory = ReplayMemory(cfg.memory.per_class, cfg.memory.total)
@@ -131,6 +145,7 @@ class Trainer:
         self.autocast = self.device.type == "cuda" and cfg.model.precision in ("auto", "bf16")
         self.tokens = class_tokens(self.bundle.tokenizer, list(self.scenario.classnames), DEFAULT_TEMPLATES)[0]
         self.progress_bar = progress_bar
+        self._checkpointed: tuple[int, int] | None = None  # (task, step) of the last checkpoint written
         self._signal: int | None = None
         self._steps = 0  # training steps of the current task
 
@@ -144,6 +159,7 @@ class Trainer:
             "memory": self.memory.state_dict(),
             "method": self.method.state_dict(),
             "progress": vars(self.progress).copy(),
+            "data": self.fingerprint,
             "torch_rng": torch.get_rng_state(),
             "threads": torch.get_num_threads(),
         }
@@ -152,16 +168,37 @@ class Trainer:
         """Write the checkpoint atomically; returns the seconds it took."""
         start = time.perf_counter()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.save(self.out_dir / checkpoint.CHECKPOINT_NAME, self.state())
+        self._write(lambda: checkpoint.save(self.out_dir / checkpoint.CHECKPOINT_NAME, self.state()))
+        self._checkpointed = (self.progress.task, self.progress.step)
         return time.perf_counter() - start
 
+    def _write(self, write) -> None:
+        """Run a write of the run's files; a failure (disk full, permissions) says what is kept and how to go on."""
+        try:
+            write()
+        except OutputError as e:
+            if self._checkpointed is None:
+                kept = "no checkpoint had been written yet, so there is nothing to resume; start the run again"
+            else:
+                task, step = self._checkpointed
+                kept = (f"the last complete checkpoint (at task {task} step {step}) is kept: free space or fix "
+                        f"permissions, then continue with: clipcl resume {self.out_dir}")
+            raise OutputError(e.errno, f"{e.strerror}; {kept}") from None
+
     def load_checkpoint(self) -> None:
-        """Restore the state of the last checkpoint in out_dir."""
-        state = checkpoint.load(self.out_dir / checkpoint.CHECKPOINT_NAME, to_dict(self.cfg))
+        """Restore the state of the last checkpoint in out_dir (same config and same data, or CheckpointError)."""
+        path = self.out_dir / checkpoint.CHECKPOINT_NAME
+        state = checkpoint.load(path, to_dict(self.cfg))
+        changed = fingerprint_diff(state.get("data") or {}, self.fingerprint)
+        if changed:
+            raise checkpoint.CheckpointError(
+                f"the data changed since the run in '{self.out_dir}' started ({changed}); resuming would train "
+                "on other data. Restore the data the run started on, or start a new run in another folder.")
         self.bundle.model.load_state_dict(state["model"])
         self.memory.load_state_dict(state["memory"])
         self.method.load_state_dict(state["method"])
         self.progress = Progress(**state["progress"])
+        self._checkpointed = (self.progress.task, self.progress.step)
         torch.set_rng_state(state["torch_rng"])
         threads = state.get("threads", torch.get_num_threads())
         if threads != torch.get_num_threads():  # CPU kernels split sums by thread: other roundings
@@ -253,9 +290,13 @@ class Trainer:
             return None
         detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
         what = "gradient" if "grad_norm" in terms else "loss"
-        raise NonFiniteLoss(f"non-finite {what} at task {self.progress.task} step {step}: {detail}. "
-                            "The last good checkpoint is kept; lower optim.lr, or set skip_nonfinite=true "
-                            "to skip (and count) such batches.")
+        if self._checkpointed is None:
+            kept = "No checkpoint had been written yet"
+        else:
+            kept = (f"The last good checkpoint (at task {self._checkpointed[0]} step {self._checkpointed[1]}) "
+                    "is kept")
+        raise NonFiniteLoss(f"non-finite {what} at task {self.progress.task} step {step}: {detail}. {kept}; "
+                            "lower optim.lr, or set skip_nonfinite=true to skip (and count) such batches.")
 
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum, frame) -> None:
@@ -263,6 +304,10 @@ class Trainer:
 
     def run(self, resume: bool = False) -> dict:
         """Train and evaluate every task; returns the results dict (also written to out_dir)."""
+        kept = rundir.claim(self.out_dir, self.overwrite, resume)
+        if kept:
+            say(f"clipcl: note: --overwrite kept {len(kept)} file(s) in '{self.out_dir}' that clipcl did not write: "
+                + ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else ""))
         if resume:
             self.load_checkpoint()
         handlers = {}
@@ -278,7 +323,7 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
         results = self.results(complete=True)
-        write_outputs(results, self.out_dir)
+        self._write(lambda: write_outputs(results, self.out_dir))
         return results
 
     def _check_signal(self) -> None:
@@ -297,7 +342,7 @@ class Trainer:
         if p.step == 0 and self.method.trains:
             self.method.before_task(t, len(data), self.scenario.n_seen(t))
             self._start_optimizer()
-            p.train_seconds, p.images_seen = 0.0, 0
+            p.train_seconds, p.images_seen, p.loss_sum, p.loss_steps = 0.0, 0, 0.0, 0
         self.bundle.model.train()
         bar = tqdm(total=self._steps, initial=p.step, desc=f"{cfg.method.name} task {t + 1}/{len(self.scenario)}",
                    disable=self.progress_bar is False or (self.progress_bar is None and not sys.stderr.isatty()),
@@ -311,6 +356,8 @@ class Trainer:
             p.images_seen += len(positions)
             p.train_seconds = seconds_before + time.perf_counter() - start
             if logged is not None:
+                p.loss_sum += logged["loss"]
+                p.loss_steps += 1
                 bar.set_postfix(loss=f"{logged['loss']:.3f}", img_s=f"{p.images_seen / max(p.train_seconds, 1e-9):.0f}")
             bar.update(1)
             if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0 and p.step < self._steps:
@@ -331,8 +378,21 @@ class Trainer:
         ckpt_seconds = self.save_checkpoint()
         p.timing[-1]["checkpoint_seconds"] = round(ckpt_seconds, 3)
         if p.task < len(self.scenario):  # the rows so far, readable while the run goes on
-            write_results_json(self.results(complete=False), self.out_dir)
+            self._write(lambda: write_results_json(self.results(complete=False), self.out_dir))
+        self._task_line(t)
         self._check_signal()
+
+    def _task_line(self, t: int) -> None:
+        """'task t/T: loss, accuracy on seen classes, img/s, elapsed' on stderr, terminal or not."""
+        if self.quiet:
+            return
+        p, sizes = self.progress, [len(task.test) for task in self.scenario.tasks]
+        timing = p.timing[-1]
+        loss = f"train loss {p.loss_sum / p.loss_steps:.4f}" if p.loss_steps else "no training"
+        speed = f", {timing['train_images_per_second']:.0f} img/s" if timing["train_images_per_second"] else ""
+        elapsed = sum(x["train_seconds"] + x["eval_seconds"] + x.get("checkpoint_seconds", 0) for x in p.timing)
+        say(f"clipcl: {self.cfg.method.name} task {t + 1}/{len(self.scenario)}: {loss}, accuracy on seen classes "
+            f"{100 * seen_accuracy(p.rows, sizes, t):.1f}%{speed}, elapsed {elapsed:.0f} s")
 
     # ------------------------------------------------------------------ results
     def results(self, complete: bool) -> dict:
@@ -360,6 +420,7 @@ class Trainer:
                        "per_class": self.memory.counts()},
             "nonfinite_skipped": p.nonfinite_skipped,
             "data_notes": sc.notes,
+            "data_fingerprint": self.fingerprint,
             "versions": versions(self.device),
             **self.method.results(),
         }

@@ -77,9 +77,16 @@ def create(cfg: ModelCfg, device: torch.device | str = "cpu") -> ClipBundle:
     logging.getLogger().addFilter(quiet)  # random init is what the tiny models want, not news
     try:
         model = open_clip.create_model(cfg.name, pretrained=pretrained, device=device)
-    except (RuntimeError, OSError) as e:
+    except Exception as e:  # a bad file fails in pickle, zip, safetensors or load_state_dict: many types
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        if pretrained and Path(pretrained).is_file():
+            raise ConfigError(
+                f"config key 'model.pretrained' = {pretrained!r}: this file is not a {cfg.name} checkpoint that "
+                f"open_clip can load ({type(e).__name__}: {reason}). Give a state dict of this architecture "
+                "(.pt/.bin saved with torch.save, or .safetensors), or check model.name."
+            ) from None
         raise ConfigError(
-            f"could not load weights for model {cfg.name!r} with pretrained={pretrained!r}: {e}. "
+            f"could not load weights for model {cfg.name!r} with pretrained={pretrained!r} ({reason}). "
             "Pretrained tags are downloaded on first use: without network, pass the checkpoint file path."
         ) from None
     finally:
