@@ -22,7 +22,6 @@ import torch
 
 from clipcl import checkpoint
 from clipcl.config import load_config
-from clipcl.data.images import ConcatImageSet
 from clipcl.engine import Trainer
 
 TINY = ["scenario.train_per_class=100", "scenario.test_per_class=50", "scenario.n_tasks=3", "optim.batch_size=32",
@@ -48,16 +47,12 @@ def report(name: str, path: Path, save_s: float, load_s: float, n_params: int) -
 def tiny_trainer_checkpoint(folder: Path, repeats: int) -> None:
     """A mid-task checkpoint of the demo model through the Trainer (task 2, memory of task 1 filled)."""
     cfg = load_config("fmnist-cil", TINY)
-    tr = Trainer(cfg, folder, progress_bar=False)
-    tr.memory.update(0, tr.scenario[0].train, torch.Generator().manual_seed(0))
-    new, mem = tr.task_data(1)
-    data = ConcatImageSet([new, mem]) if mem is not None else new
-    tr.method.before_task(1, len(data), tr.scenario.n_seen(1))
-    tr._start_optimizer()
-    tr._steps = tr.total_steps(1)
-    tr.progress.task = 1
+    tr = Trainer(cfg, folder, progress_bar=False, quiet=True)
+    tr.enter_task(0)
+    tr.method.after_task(tr.ctx)  # the memory of task 0
+    tr.start_task(1)
     for step in range(2):  # AdamW moments and estimator states exist from the first step on
-        tr.train_step(data, tr.batch_positions(1, step, new, mem), step)
+        tr.train_step(tr.batch_positions(step), step)
         tr.progress.step = step + 1
     save_s = statistics.median(tr.save_checkpoint() for _ in range(repeats))
     path = folder / checkpoint.CHECKPOINT_NAME

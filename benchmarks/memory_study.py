@@ -53,19 +53,23 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.1f}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def study_args(doc: str, memories: str, methods: list[str]):
+    """The command line every study shares; returns (args, memory sizes, seeds, method labels)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--benchmark", default="fmnist-cil")
-    ap.add_argument("--memories", default="1,2,5,10")
+    ap.add_argument("--memories", default=memories)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--methods", default=",".join(VARIANTS))
+    ap.add_argument("--methods", default=",".join(methods))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "out"))
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = ap.parse_args()
-    mems = [int(m) for m in args.memories.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
-    labels = args.methods.split(",")
+    return (args, [int(m) for m in args.memories.split(",")], [int(s) for s in args.seeds.split(",")],
+            args.methods.split(","))
+
+
+def main() -> None:
+    args, mems, seeds, labels = study_args(__doc__, "1,2,5,10", list(VARIANTS))
     threads = max(1, 2 // args.jobs)
     jobs = []
     for label in labels:

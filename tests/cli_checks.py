@@ -1,9 +1,13 @@
-"""Checks shared by the tests of mistakes and faults: one clean error line, and files left as they were."""
+"""Checks shared by the tests: one clean error line, files left as they were, two runs equal bit for bit."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import torch
+
+from clipcl import checkpoint
 from clipcl.cli import main
 
 
@@ -26,3 +30,38 @@ def snapshot(folder: Path) -> dict[str, bytes]:
         elif p.is_file():
             out[str(p.relative_to(folder))] = p.read_bytes()
     return out
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    """Same accuracy matrix (and metrics), same final weights, memory and method state, bit for bit."""
+    r, ref = (json.loads((d / "results.json").read_text()) for d in (out, reference))
+    assert r["complete"] and ref["complete"]
+    assert r["accuracy_matrix"] == ref["accuracy_matrix"]
+    assert r["metrics"] == ref["metrics"]
+    assert r.get("class_weights") == ref.get("class_weights")  # gdro's telemetry of every step, resumed ones too
+    assert r["nonfinite_skipped"] == ref["nonfinite_skipped"] == 0
+    a, b = (checkpoint.load(d / checkpoint.CHECKPOINT_NAME) for d in (out, reference))
+    assert a["model"].keys() == b["model"].keys()
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"model tensor {k} differs"
+    assert_same_state(a["memory"], b["memory"], "memory")
+    assert_same_state(a["method"], b["method"], "method")  # estimators, teachers, stored logits, telemetry
+    assert a["progress"]["rows"] == b["progress"]["rows"] and a["progress"]["task"] == len(a["progress"]["rows"])
+
+
+def assert_same_state(a, b, where: str) -> None:
+    """Nested dicts and lists of tensors and plain values, equal bit for bit (nan equal to nan)."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys differ"
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))), \
+            f"{where} differs"
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"

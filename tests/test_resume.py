@@ -19,6 +19,7 @@ import torch
 from clipcl import checkpoint
 from clipcl.config import load_config
 from clipcl.engine import Interrupted, Trainer, lr_at
+from cli_checks import assert_same_run
 
 ARGS = ["fmnist-cil", "scenario.train_per_class=100", "scenario.test_per_class=50", "scenario.n_tasks=3",
         "optim.epochs=2", "optim.batch_size=32", "checkpoint_every=2", "method.name=gdro", "memory.per_class=5"]
@@ -58,26 +59,6 @@ def wait_for_checkpoint(out: Path, proc: subprocess.Popen, ready) -> dict:
 
 def final_state(out: Path) -> dict:
     return checkpoint.load(out / checkpoint.CHECKPOINT_NAME)
-
-
-def assert_same_run(out: Path, reference: Path) -> None:
-    """Same accuracy matrix (and metrics), same final weights, memory and method state, bit for bit."""
-    r, ref = (json.loads((d / "results.json").read_text()) for d in (out, reference))
-    assert r["complete"] and ref["complete"]
-    assert r["accuracy_matrix"] == ref["accuracy_matrix"]
-    assert r["metrics"] == ref["metrics"]
-    assert r["class_weights"] == ref["class_weights"]  # the DRO telemetry of every step, resumed steps included
-    assert r["nonfinite_skipped"] == ref["nonfinite_skipped"] == 0
-    a, b = final_state(out), final_state(reference)
-    assert a["model"].keys() == b["model"].keys()
-    for k in b["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), f"model tensor {k} differs"
-    assert a["memory"]["keys"] == b["memory"]["keys"]
-    assert all(torch.equal(x, y) for x, y in zip(a["memory"]["images"], b["memory"]["images"]))
-    for est in ("gcl", "dro"):
-        for k in b["method"][est]:
-            assert torch.equal(a["method"][est][k], b["method"][est][k]), f"{est}.{k} differs"
-    assert a["progress"]["rows"] == b["progress"]["rows"] and a["progress"]["task"] == 3
 
 
 @pytest.fixture(scope="module")

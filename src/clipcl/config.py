@@ -49,6 +49,7 @@ class ScenarioCfg:
     download: bool = True  # allow torchvision datasets to download when the files are absent
     skip_bad_images: bool = False  # replace unreadable images by a readable one of the same class and split
     #                               (counted in Dataset.notes) instead of stopping with the file's name
+    augment: str = "crop_flip"  # training augmentation: crop_flip (natural images) | shift (small images) | none
     image_size: int = 224  # folder datasets decode to image_size x image_size (shorter side resized, then
     #                        centre-cropped): the model's input size, 224 for ViT-B-16
     decode_workers: int = 4  # processes that decode folder images (0 = decode in the main process)
@@ -60,7 +61,10 @@ class MemoryCfg:
 
     per_class: int = 10  # images kept per seen class
     total: int = 0  # if > 0: a total budget split equally over the seen classes (overrides per_class)
-    selection: str = "random"
+    bytes: int = 0  # if > 0: a budget in bytes split equally over the seen classes (overrides both)
+    codec: str = "raw"  # how images are stored: raw (uint8 pixels) | png (lossless) | jpeg (at `quality`)
+    quality: int = 90  # JPEG quality, 1-100
+    selection: str = "random"  # random | herding (iCaRL: exemplars whose mean is closest to the class mean)
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,10 @@ class MethodCfg:
     beta: float = 0.1  # moving-average rate of the class losses
     eta: float = 0.01  # groupdro step size
     alpha: float = 0.5  # cvar: fraction of classes kept
+    wise_alpha: float = 0.5  # wiseft: weight of the fine-tuned model (0 = the weights before the task)
+    distill_weight: float = 1.0  # lwf, zscl: weight of the distillation; derpp: of the stored-logit term
+    distill_temp: float = 2.0  # lwf, zscl: distillation temperature
+    label_weight: float = 0.5  # derpp: weight of the memory samples' cross-entropy
     max_weight: float = 0.0  # cap on a class's DRO weight (0 = no cap)
     telemetry_every: int = 1  # record the DRO class weights every N steps
 
@@ -125,7 +133,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.precision": ("auto", "fp32", "bf16"),
     "scenario.kind": ("cil", "dil"),
     "scenario.class_order": ("seeded", "natural", "shipped"),
-    "memory.selection": ("random",),
+    "memory.selection": ("random", "herding"),
+    "memory.codec": ("raw", "png", "jpeg"),
+    "scenario.augment": ("none", "shift", "crop_flip"),
     "method.sampling": ("concat", "uniform"),
     "method.dro": ("kl", "groupdro", "cvar", "none"),
     "eval.templates": ("default", "ensemble"),
@@ -178,6 +188,8 @@ def validate(cfg: RunCfg) -> None:
            "or leave scenario.root empty to use $CLIPCL_DATA and the usual places")
     _check(m.per_class >= 0, "memory.per_class", m.per_class, "must be 0 or more (images per class)")
     _check(m.total >= 0, "memory.total", m.total, "must be 0 or more (0 = use memory.per_class)")
+    _check(m.bytes >= 0, "memory.bytes", m.bytes, "must be 0 or more (0 = count images, not bytes)")
+    _check(1 <= m.quality <= 100, "memory.quality", m.quality, "must be a JPEG quality in 1..100")
     _check(o.lr > 0, "optim.lr", o.lr, "must be positive")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be 0 or more")
     _check(o.epochs > 0, "optim.epochs", o.epochs, "must be positive")
@@ -193,6 +205,10 @@ def validate(cfg: RunCfg) -> None:
     _check(0 < me.alpha <= 1, "method.alpha", me.alpha, "must be in (0, 1]")
     _check(me.max_weight == 0 or 0 < me.max_weight <= 1, "method.max_weight", me.max_weight,
            "must be 0 (no cap) or in (0, 1]")
+    _check(0 <= me.wise_alpha <= 1, "method.wise_alpha", me.wise_alpha, "must be in [0, 1]")
+    _check(me.distill_weight >= 0, "method.distill_weight", me.distill_weight, "must be 0 or more")
+    _check(me.distill_temp > 0, "method.distill_temp", me.distill_temp, "must be positive")
+    _check(me.label_weight >= 0, "method.label_weight", me.label_weight, "must be 0 or more")
     _check(me.telemetry_every >= 1, "method.telemetry_every", me.telemetry_every, "must be at least 1")
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be 0 (per task) or more")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be at least 1")

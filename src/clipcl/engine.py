@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import __version__, checkpoint, rundir
@@ -28,30 +27,13 @@ from .data.scenarios import Scenario, build_scenario, fingerprint_diff, verify_i
 from .errors import Interrupted, NonFiniteLoss
 from .evaluate import accuracy_before_training, accuracy_row, metrics, seen_accuracy
 from .files import OutputError
+from .augment import augment
 from .memory import ReplayMemory
-from .methods import Batch, Method, make_method
+from .methods import Method, TaskContext, make_method
 from .models import ClipBundle, create
 from .prompts import DEFAULT_TEMPLATES, class_tokens
 from .report import write_outputs, write_results_json
-
-
-def seeded(*keys: int) -> torch.Generator:
-    """A torch generator whose seed is a hash of the keys (seed, task, step, ...)."""
-    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed)
-
-
-def stream_positions(seed: int, task: int, n: int, start: int, count: int) -> np.ndarray:
-    """Positions start..start+count of the sample stream of a task: epoch permutations of range(n), end to end."""
-    out = []
-    pos = start
-    while pos < start + count:
-        epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=seeded(seed, task, epoch, 0)).numpy()
-        take = min(n - offset, start + count - pos)
-        out.append(perm[offset: offset + take])
-        pos += take
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+from .sampling import STREAM_AUGMENT, seeded
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -139,7 +121,9 @@ class Trainer:
         self.fingerprint = self.scenario.fingerprint()
         self.bundle: ClipBundle = create(cfg.model, self.device)
         self.method: Method = make_method(cfg.method)
-        self.memory = ReplayMemory(cfg.memory.per_class, cfg.memory.total)
+        m = cfg.memory
+        self.memory = ReplayMemory(m.per_class, m.total, m.bytes, m.codec, m.quality, m.selection)
+        self.model = self.bundle.model  # what the forward goes through (a DDP wrapper would go here)
         self.progress = Progress()
         self.optimizer: torch.optim.Optimizer | None = None
         self.autocast = self.device.type == "cuda" and cfg.model.precision in ("auto", "bf16")
@@ -148,6 +132,10 @@ class Trainer:
         self._checkpointed: tuple[int, int] | None = None  # (task, step) of the last checkpoint written
         self._signal: int | None = None
         self._steps = 0  # training steps of the current task
+        self.ctx: TaskContext | None = None  # the current task's context, data and step count (enter_task)
+        self.new: ImageSet | None = None
+        self.mem: ImageSet | None = None
+        self.data: ImageSet | None = None
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -218,52 +206,70 @@ class Trainer:
             [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}],
             lr=self.cfg.optim.lr, foreach=True)  # one fused pass over the tensors: faster on CPU too
 
+    def context(self, t: int) -> TaskContext:
+        """The context a method gets for task t (data sizes are filled in by enter_task)."""
+        cfg = self.cfg
+        return TaskContext(model=self.model, bundle=self.bundle, memory=self.memory, scenario=self.scenario,
+                           device=self.device, task=t, seed=cfg.seed, batch_size=cfg.optim.batch_size,
+                           eval_batch_size=cfg.eval.batch_size, tokens=self.tokens, autocast=self.autocast)
+
     def task_data(self, t: int) -> tuple[ImageSet, ImageSet | None]:
-        """(new data, memory data) of task t, memory None when the method has none or it is empty."""
-        mem = self.memory.as_imageset() if self.method.uses_memory and len(self.memory) else None
-        return self.method.training_data(self.scenario, t, mem)
+        """(new data, memory data) task t trains on, as its method chooses (memory None when it has none)."""
+        return self.method.training_data(self.context(t))
 
     def total_steps(self, t: int) -> int:
         """Training steps of task t."""
         if not self.method.trains:
             return 0
         new, mem = self.task_data(t)
-        n = len(new) + (len(mem) if mem is not None and self.cfg.method.sampling == "uniform" else 0)
-        steps = math.ceil(self.cfg.optim.epochs * n / self.cfg.optim.batch_size)
+        steps = math.ceil(self.cfg.optim.epochs * self.method.epoch_size(new, mem) / self.cfg.optim.batch_size)
         return min(steps, self.cfg.optim.max_steps) if self.cfg.optim.max_steps else steps
 
-    def batch_positions(self, t: int, step: int, new: ImageSet, mem: ImageSet | None) -> np.ndarray:
-        """Sample indices in D_t U M (memory after the new data) of one step."""
-        B = self.cfg.optim.batch_size
-        seed = self.cfg.seed
-        if mem is None:
-            return stream_positions(seed, t, len(new), step * B, B)
-        if self.cfg.method.sampling == "uniform":
-            return stream_positions(seed, t, len(new) + len(mem), step * B, B)
-        pos_new = stream_positions(seed, t, len(new), step * B, B)
-        g = seeded(seed, t, step, 1)
-        if len(mem) >= B:
-            pos_mem = torch.randperm(len(mem), generator=g)[:B].numpy()
-        else:
-            pos_mem = torch.randint(len(mem), (B,), generator=g).numpy()
-        return np.concatenate([pos_new, len(new) + pos_mem])
+    def enter_task(self, t: int) -> None:
+        """Set up task t where the run stands in it: its context and data, its step count, the method attached."""
+        ctx = self.context(t)
+        self.new, self.mem = self.method.training_data(ctx)
+        self.data = ConcatImageSet([self.new, self.mem]) if self.mem is not None else self.new
+        ctx.data_size, ctx.new_size = len(self.data), len(self.new)
+        self.ctx = ctx
+        self.method.attach(ctx)
+        self._steps = self.total_steps(t)
 
-    def train_step(self, data: ImageSet, positions: np.ndarray, step: int) -> dict[str, float] | None:
-        """One optimiser step; returns the logged values, or None for a skipped non-finite batch."""
-        model, opt, cfg = self.bundle.model, self.optimizer, self.cfg
-        assert opt is not None
+    def start_task(self, t: int, steps: int | None = None) -> None:
+        """Begin task t at its first step: context and data, the method's before_task, a fresh optimiser.
+
+        `steps` overrides the task's length (what optim.epochs gives), e.g. for a benchmark of a few steps.
+        """
+        self.enter_task(t)
+        if steps is not None:
+            self._steps = steps
+        assert self.ctx is not None
+        self.progress.task, self.progress.step = t, 0
+        if self.method.trains:
+            self.method.before_task(self.ctx)
+            self._start_optimizer()
+        p = self.progress
+        p.train_seconds, p.images_seen, p.loss_sum, p.loss_steps = 0.0, 0, 0.0, 0
+
+    def batch_positions(self, step: int) -> np.ndarray:
+        """Sample positions in the current task's D_t U M of one step, as the method mixes them."""
+        assert self.ctx is not None and self.new is not None, "enter_task() first"
+        return self.method.batch_positions(self.ctx, step, self.new, self.mem)
+
+    def train_step(self, positions: np.ndarray, step: int) -> dict[str, float] | None:
+        """One optimiser step on the current task's samples at `positions`; returns the logged values, or None
+        for a skipped non-finite batch."""
+        model, opt, cfg, data = self.model, self.optimizer, self.cfg, self.data
+        assert opt is not None and data is not None, "start_task() first"
         labels = torch.as_tensor(data.targets[positions], device=self.device)
-        images = data.load(positions).to(self.device, non_blocking=True)
-        classes, inv = torch.unique(labels, return_inverse=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            z = F.normalize(model.encode_image(self.bundle.prepare_images(images)).float(), dim=-1)
-            text = F.normalize(model.encode_text(self.tokens[classes.cpu()].to(self.device)).float(), dim=-1)
-        batch = Batch(z=z, text=text, inv=inv, labels=labels, index=torch.as_tensor(positions, device=self.device),
-                      logit_scale=model.logit_scale.exp(), step=step)
-        # The loss updates the method's estimators; a skipped batch must leave them as they were, or one
+        images = self.bundle.prepare_images(data.load(positions).to(self.device, non_blocking=True))
+        images = augment(images, cfg.scenario.augment, seeded(cfg.seed, self.progress.task, step, STREAM_AUGMENT))
+        index = torch.as_tensor(positions, device=self.device)
+        # The forward updates the method's estimators; a skipped batch must leave them as they were, or one
         # nan batch would poison the moving averages of its samples for the rest of the task.
-        before = _snapshot(self.method.state_dict()) if cfg.skip_nonfinite else None
-        terms = self.method.loss(batch)
+        before = _snapshot(self.method.step_state()) if cfg.skip_nonfinite else None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            terms = self.method.training_forward(model, images, labels, index, step)
         loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
         if not torch.isfinite(loss):
             return self._nonfinite(step, terms, before)
@@ -279,14 +285,15 @@ class Trainer:
             return self._nonfinite(step, {**terms, "grad_norm": norm}, before)
         opt.step()
         with torch.no_grad():  # CLIP's clamp: a logit scale above 100 destabilises training
-            model.logit_scale.clamp_(0, math.log(100))
-        return {"loss": float(terms.get("value", loss).detach())}
+            self.bundle.model.logit_scale.clamp_(0, math.log(100))
+        logged = {k: float(v.detach()) for k, v in terms.items()}
+        return {**logged, "loss": float(loss.detach())}
 
     def _nonfinite(self, step: int, terms: dict[str, torch.Tensor], before: dict | None) -> None:
         """Skip (and count) a non-finite batch when skip_nonfinite, else raise NonFiniteLoss."""
         if before is not None:
             self.progress.nonfinite_skipped += 1
-            self.method.load_state_dict(before)
+            self.method.load_step_state(before)
             return None
         detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
         what = "gradient" if "grad_norm" in terms else "loss"
@@ -333,16 +340,14 @@ class Trainer:
 
     def _run_task(self, t: int) -> None:
         cfg, p = self.cfg, self.progress
-        new, mem = self.task_data(t)
-        data = ConcatImageSet([new, mem]) if mem is not None else new
-        self._steps = self.total_steps(t)
         if len(p.before) == t:
             p.before.append(accuracy_before_training(self.bundle, self.scenario, t, cfg.eval.templates,
                                                      cfg.eval.batch_size, self.device, self.autocast))
-        if p.step == 0 and self.method.trains:
-            self.method.before_task(t, len(data), self.scenario.n_seen(t))
-            self._start_optimizer()
-            p.train_seconds, p.images_seen, p.loss_sum, p.loss_steps = 0.0, 0, 0.0, 0
+        if p.step == 0:
+            self.start_task(t)
+        else:  # resumed within the task: the optimiser and the method's state came from the checkpoint
+            self.enter_task(t)
+        assert self.ctx is not None
         self.bundle.model.train()
         bar = tqdm(total=self._steps, initial=p.step, desc=f"{cfg.method.name} task {t + 1}/{len(self.scenario)}",
                    disable=self.progress_bar is False or (self.progress_bar is None and not sys.stderr.isatty()),
@@ -350,8 +355,8 @@ class Trainer:
         start = time.perf_counter()
         seconds_before = p.train_seconds
         while p.step < self._steps:
-            positions = self.batch_positions(t, p.step, new, mem)
-            logged = self.train_step(data, positions, p.step)
+            positions = self.batch_positions(p.step)
+            logged = self.train_step(positions, p.step)
             p.step += 1
             p.images_seen += len(positions)
             p.train_seconds = seconds_before + time.perf_counter() - start
@@ -364,8 +369,7 @@ class Trainer:
                 self.save_checkpoint()
             self._check_signal()
         bar.close()
-        if self.method.uses_memory:
-            self.memory.update(t, self.scenario[t].train, seeded(cfg.seed, t, 2))
+        self.method.after_task(self.ctx)  # memory update, stored logits, weight interpolation
         eval_start = time.perf_counter()
         p.rows.append(accuracy_row(self.bundle, self.scenario, t, cfg.eval.templates, cfg.eval.batch_size,
                                    self.device, self.autocast))

@@ -1,23 +1,72 @@
-"""The methods of METHOD.md as small objects: what a task trains on, what the loss is, what state they keep.
+"""The methods of docs/METHOD.md, each a small class that owns what differs between methods.
 
-The training loop (engine.py) is shared: a method never changes how batches flow, only
-`training_data` (which images a task trains on), `loss` (a dict of named terms; the engine sums the
-`*_loss` entries) and its own checkpointable state.
+A method owns (the task layer, see the README's Design section):
+- what a task trains on (`training_data`), how a batch mixes new data and memory (`batch_positions`, and the
+  samples an epoch counts, `epoch_size`);
+- its forward: `training_forward(model, images, labels, index, step)` calls `model(images, tokens)` (so a
+  DistributedDataParallel wrapper sees the forward) and returns a dict of named terms; the engine sums the
+  `*_loss` terms, backpropagates, and logs the rest;
+- what happens around a task: `before_task(ctx)` (teachers, estimators) and `after_task(ctx)` (memory update,
+  stored logits, weight interpolation), with a TaskContext that holds the model, memory, scenario and device;
+- its state (estimators, teachers, telemetry) for checkpoints: tensors and plain values only.
+The engine never names a method and never reads a method's options.
+
+Notation (METHOD.md): z_i normalised image embedding, t_c normalised text embedding of class c, s the
+model's logit scale, l_ic = s z_i . t_c the logit of image i for class c, C_<=t the classes seen after task
+t, D_t the new data, M the memory.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .config import ConfigError, MethodCfg
 from .data.images import ConcatImageSet, ImageSet
 from .data.scenarios import Scenario
 from .losses import ClassDRO, GlobalContrastiveLoss, clip_loss
+from .memory import ReplayMemory
+from .sampling import STREAM_SELECT, concat_positions, seeded, uniform_positions
+
+
+@dataclass
+class TaskContext:
+    """What a method may use around a task; explicit, never a global."""
+
+    model: nn.Module  # what the forward goes through (may be a DistributedDataParallel wrapper)
+    bundle: object  # models.ClipBundle: the plain model, tokenizer, input size and normalisation
+    memory: ReplayMemory
+    scenario: Scenario
+    device: torch.device
+    task: int
+    seed: int
+    batch_size: int
+    eval_batch_size: int
+    tokens: torch.Tensor  # token ids [n_classes, L] of every class name (training template), by label
+    data_size: int = 0  # samples of the task's training data D_t U M (set by the engine)
+    new_size: int = 0  # of which new (D_t): positions below it are new samples
+    autocast: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def n_seen(self) -> int:
+        """Classes seen after this task (the candidates of evaluation)."""
+        return self.scenario.n_seen(self.task)
+
+    @property
+    def n_old(self) -> int:
+        """Classes seen before this task (0 for the first task)."""
+        return self.scenario.n_seen(self.task - 1) if self.task > 0 else 0
 
 
 @dataclass
 class Batch:
-    """What a method's loss sees of one training step."""
+    """What an embedding-level loss sees of one training step."""
 
     z: torch.Tensor  # normalised image embeddings [B, D]
     text: torch.Tensor  # normalised text embeddings of the batch's distinct classes [U, D]
@@ -28,36 +77,107 @@ class Batch:
     step: int  # global step within the task
 
 
+def clip_forward(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor):
+    """(z [B, D], t [C, D], scale) through model(images, tokens): open_clip returns normalised features."""
+    out = model(images, tokens)
+    if isinstance(out, dict):
+        return out["image_features"].float(), out["text_features"].float(), out["logit_scale"]
+    return out[0].float(), out[1].float(), out[2]
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A teacher: a copy of the model in eval mode with no gradients."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def distillation(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temp: float) -> torch.Tensor:
+    """temp^2 * mean over rows of KL(softmax(teacher / temp) || softmax(student / temp)); 0 when they agree."""
+    p = F.log_softmax(teacher_logits / temp, dim=1)
+    q = F.log_softmax(student_logits / temp, dim=1)
+    return temp ** 2 * (p.exp() * (p - q)).sum(1).mean()
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _cpu(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    return None if state is None else {k: v.cpu() for k, v in state.items()}
+
+
 class Method:
-    """Base: fine-tune on the task's own data with the mini-batch CLIP loss (this is `finetune`)."""
+    """Base: fine-tune on the task's own data with the mini-batch CLIP loss (this is `finetune`).
+
+        L = CLIP(B_t): cross-entropy of each image over the batch's class texts, and of each class text over
+        the batch's images (losses.clip_loss), B_t a batch of D_t.
+    """
 
     name = "finetune"
     trains = True
-    uses_memory = False
 
     def __init__(self, cfg: MethodCfg):
         self.cfg = cfg
         self.task = 0
+        self.ctx: TaskContext | None = None
 
-    def training_data(self, scenario: Scenario, t: int, memory: ImageSet | None) -> tuple[ImageSet, ImageSet | None]:
-        """(new data, memory data) that task t trains on."""
-        return scenario[t].train, None
+    # ----------------------------------------------------------------- data
+    def training_data(self, ctx: TaskContext) -> tuple[ImageSet, ImageSet | None]:
+        """(new data, memory data) that task ctx.task trains on."""
+        return ctx.scenario[ctx.task].train, None
 
-    def before_task(self, t: int, n_samples: int, n_classes: int) -> None:
-        """Called when task t starts: n_samples indexed samples (D_t U M), n_classes seen classes."""
-        self.task = t
+    def epoch_size(self, new: ImageSet, mem: ImageSet | None) -> int:
+        """Samples that make one epoch (optim.epochs counts these)."""
+        return len(new)
 
-    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Named loss terms of one batch."""
-        return {"contrastive_loss": clip_loss(batch.z, batch.text, batch.inv, batch.logit_scale)}
+    def batch_positions(self, ctx: TaskContext, step: int, new: ImageSet, mem: ImageSet | None) -> np.ndarray:
+        """Sample positions in D_t U M (memory after the new data) of one step."""
+        return concat_positions(ctx.seed, ctx.task, step, ctx.batch_size, len(new), len(mem) if mem else 0)
 
+    # ----------------------------------------------------------------- around a task
+    def attach(self, ctx: TaskContext) -> None:
+        """Called whenever the engine enters a task, fresh or resumed: the context of the task."""
+        self.ctx = ctx
+        self.task = ctx.task
+
+    def before_task(self, ctx: TaskContext) -> None:
+        """Called once when task ctx.task starts (not on a resume within it)."""
+
+    def after_task(self, ctx: TaskContext) -> None:
+        """Called once when task ctx.task has been trained, before it is evaluated."""
+
+    # ----------------------------------------------------------------- the forward
+    def batch_text(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of the batch's distinct classes and each sample's row among them."""
+        assert self.ctx is not None, "attach() a TaskContext first"
+        classes, inv = torch.unique(labels, return_inverse=True)
+        return self.ctx.tokens[classes.cpu()].to(labels.device), inv
+
+    def training_forward(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
+                         step: int) -> dict[str, torch.Tensor]:
+        """Named terms of one batch (images already prepared and augmented); `*_loss` terms are summed."""
+        tokens, inv = self.batch_text(labels)
+        z, text, scale = clip_forward(model, images, tokens)
+        return {"contrastive_loss": clip_loss(z, text, inv, scale)}
+
+    # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """Estimator states and telemetry, for checkpoints."""
+        """Estimator states, teachers and telemetry, for checkpoints (tensors and plain values only)."""
         return {"task": self.task}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned."""
         self.task = state["task"]
+
+    def step_state(self) -> dict:
+        """The part of the state a training step changes (estimators, telemetry): the engine restores it when
+        it skips a non-finite batch. Teachers and stored weights are not in it (no step changes them)."""
+        return {}
+
+    def load_step_state(self, state: dict) -> None:
+        """Restore what step_state returned."""
 
     def results(self) -> dict:
         """Extra entries for results.json."""
@@ -72,32 +192,56 @@ class ZeroShot(Method):
 
 
 class Finetune(Method):
-    """Mini-batch CLIP loss on the new task only."""
+    """Mini-batch CLIP loss on the new task only: L = CLIP(B_t)."""
 
     name = "finetune"
 
 
-class ER(Method):
-    """Experience replay: mini-batch CLIP loss on new data plus the class-balanced memory."""
-
-    name = "er"
-    uses_memory = True
-
-    def training_data(self, scenario, t, memory):
-        return scenario[t].train, memory
-
-
 class Joint(Method):
-    """Upper bound: mini-batch CLIP loss on all the training data seen so far."""
+    """Upper bound: L = CLIP(B) with B drawn from all the training data seen so far, D_1 U ... U D_t."""
 
     name = "joint"
 
-    def training_data(self, scenario, t, memory):
-        return ConcatImageSet([scenario[k].train for k in range(t + 1)]), None
+    def training_data(self, ctx):
+        return ConcatImageSet([ctx.scenario[k].train for k in range(ctx.task + 1)]), None
+
+
+class ER(Method):
+    """Experience replay: L = CLIP(B_t U B_M), B_M drawn from the class-balanced memory (method.sampling:
+    `concat` adds B memory samples to B new ones, `uniform` draws from D_t U M alike). After each task the
+    memory takes the task's images (memory.selection: random, or iCaRL herding on the model's features)."""
+
+    name = "er"
+
+    def training_data(self, ctx):
+        mem = ctx.memory.as_imageset() if len(ctx.memory) else None
+        return ctx.scenario[ctx.task].train, mem
+
+    def epoch_size(self, new, mem):
+        return len(new) + (len(mem) if mem is not None and self.cfg.sampling == "uniform" else 0)
+
+    def batch_positions(self, ctx, step, new, mem):
+        if self.cfg.sampling == "uniform":
+            return uniform_positions(ctx.seed, ctx.task, step, ctx.batch_size, len(new), len(mem) if mem else 0)
+        return super().batch_positions(ctx, step, new, mem)
+
+    def after_task(self, ctx):
+        self.update_memory(ctx)
+
+    def update_memory(self, ctx: TaskContext) -> list:
+        """Put the task's images into the memory (features first, for herding); returns the groups added."""
+        train = ctx.scenario[ctx.task].train
+        features = None
+        if ctx.memory.selection == "herding":
+            from .evaluate import image_features
+
+            features = image_features(ctx.bundle, train, ctx.eval_batch_size, ctx.device, ctx.autocast).cpu()
+        return ctx.memory.update(ctx.task, train, seeded(ctx.seed, ctx.task, STREAM_SELECT), features)
 
 
 class GCL(ER):
-    """Global contrastive loss over D_t U M with moving-average estimators, averaged over samples."""
+    """Global contrastive loss over D_t U M with moving-average estimators, averaged over samples:
+    L = mean_i L_i with L_i the global loss of METHOD.md (negatives over all of D_t U M)."""
 
     name = "gcl"
 
@@ -105,8 +249,11 @@ class GCL(ER):
         super().__init__(cfg)
         self.gcl = GlobalContrastiveLoss(0, gamma=cfg.gamma)
 
-    def before_task(self, t, n_samples, n_classes):
-        super().before_task(t, n_samples, n_classes)
+    def before_task(self, ctx):
+        self.start_estimators(ctx.data_size, ctx.n_seen)
+
+    def start_estimators(self, n_samples: int, n_classes: int) -> None:
+        """Forget the estimators: a stage over n_samples indexed samples and n_classes seen classes starts."""
         self.gcl.reset(n_samples)
 
     def tau(self, batch: Batch) -> float:
@@ -118,15 +265,27 @@ class GCL(ER):
         ok = out["has_negative"].to(out["surrogate"].dtype)
         return ok / ok.sum().clamp_min(1)
 
-    def loss(self, batch):
+    def training_forward(self, model, images, labels, index, step):
+        tokens, inv = self.batch_text(labels)
+        z, text, scale = clip_forward(model, images, tokens)
+        return self.loss(Batch(z=z, text=text, inv=inv, labels=labels, index=index, logit_scale=scale, step=step))
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The weighted GCL surrogate of a batch of embeddings (its gradient estimates that of the loss)."""
         self.gcl.to(batch.z.device)
         out = self.gcl(batch.z, batch.text, batch.inv, batch.index, self.tau(batch))
         w = self.sample_weights(batch, out).to(out["surrogate"].dtype)
         return {"gcl_loss": (w * out["surrogate"]).sum(),
-                "value": (w * out["loss"].to(w.dtype)).sum().detach()}
+                "gcl_value": (w * out["loss"].to(w.dtype)).sum().detach()}
 
     def state_dict(self):
         return {**super().state_dict(), "gcl": {k: v.cpu() for k, v in self.gcl.state_dict().items()}}
+
+    def step_state(self):
+        return self.state_dict()
+
+    def load_step_state(self, state):
+        self.load_state_dict(state)
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
@@ -135,7 +294,8 @@ class GCL(ER):
 
 
 class GDRO(GCL):
-    """GCL with class-level DRO weights: forgotten (high-loss) classes get weight back."""
+    """GCL with class-level DRO weights: L = sum_i w_i L_i with w_i = p_{y_i} / (n_B(y_i) sum_{c in B} p_c),
+    p the DRO weights of the seen classes (method.dro): forgotten (high-loss) classes get weight back."""
 
     name = "gdro"
 
@@ -144,8 +304,8 @@ class GDRO(GCL):
         self.dro = ClassDRO(0, cfg.dro, cfg.lam, cfg.beta, cfg.eta, cfg.alpha, cfg.max_weight)
         self.telemetry: list[dict] = []  # {"task", "step", "weights": p over the seen classes}
 
-    def before_task(self, t, n_samples, n_classes):
-        super().before_task(t, n_samples, n_classes)
+    def start_estimators(self, n_samples, n_classes):
+        super().start_estimators(n_samples, n_classes)
         self.dro.reset(n_classes)
 
     def sample_weights(self, batch, out):
@@ -174,6 +334,231 @@ class GDRO(GCL):
         return {"class_weights": self.telemetry}
 
 
+class Teacher(Method):
+    """A method with a frozen teacher model; its weights are checkpointed and rebuilt when the task is entered."""
+
+    def __init__(self, cfg: MethodCfg):
+        super().__init__(cfg)
+        self.teacher: nn.Module | None = None
+        self._teacher_state: dict[str, torch.Tensor] | None = None  # loaded, waiting for attach()
+
+    def attach(self, ctx):
+        super().attach(ctx)
+        if self._teacher_state is not None:
+            self.teacher = frozen_copy(ctx.bundle.model)
+            self.teacher.load_state_dict(self._teacher_state)
+            self._teacher_state = None
+
+    def state_dict(self):
+        state = self.teacher.state_dict() if self.teacher is not None else self._teacher_state
+        return {**super().state_dict(), "teacher": _cpu(state)}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.teacher, self._teacher_state = None, state["teacher"]
+
+
+class LwF(Teacher):
+    """Learning without Forgetting, for CLIP: fine-tune on D_t and distil the previous model's logits over the
+    old classes, L = CLIP(B_t) + lambda T^2 mean_i KL(softmax(l^old_i,C_<t / T) || softmax(l_i,C_<t / T)),
+    l^old from the model as it was before task t (lambda = method.distill_weight, T = method.distill_temp).
+    No memory."""
+
+    name = "lwf"
+
+    def before_task(self, ctx):
+        self.teacher = frozen_copy(ctx.bundle.model) if ctx.task > 0 else None
+
+    def training_forward(self, model, images, labels, index, step):
+        ctx = self.ctx
+        assert ctx is not None
+        terms = super().training_forward(model, images, labels, index, step)
+        if self.teacher is not None and ctx.n_old:
+            old = ctx.tokens[: ctx.n_old].to(images.device)
+            z, text, scale = clip_forward(model, images, old)
+            with torch.no_grad():
+                tz, ttext, tscale = clip_forward(self.teacher, images, old)
+            kd = distillation(tscale * tz @ ttext.t(), scale * z @ text.t(), self.cfg.distill_temp)
+            terms["distill_loss"] = self.cfg.distill_weight * kd
+        return terms
+
+
+class WiSEFT(Method):
+    """WiSE-FT in a stream: fine-tune on D_t (L = CLIP(B_t)), then interpolate with the weights before the
+    task, theta <- (1 - alpha) theta_before + alpha theta_after (alpha = method.wise_alpha; integer buffers take
+    the fine-tuned value). No memory."""
+
+    name = "wiseft"
+
+    def __init__(self, cfg: MethodCfg):
+        super().__init__(cfg)
+        self.before: dict[str, torch.Tensor] | None = None
+
+    def before_task(self, ctx):
+        self.before = _state_copy(ctx.bundle.model)
+
+    def after_task(self, ctx):
+        assert self.before is not None
+        interpolate(ctx.bundle.model, self.before, self.cfg.wise_alpha)
+        self.before = None
+
+    def state_dict(self):
+        return {**super().state_dict(), "before": _cpu(self.before)}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.before = state["before"]
+
+
+@torch.no_grad()
+def interpolate(model: nn.Module, other: dict[str, torch.Tensor], alpha: float) -> None:
+    """model <- (1 - alpha) other + alpha model, tensor by tensor; alpha 1 keeps model, 0 gives other, exactly."""
+    state = model.state_dict()
+    for k, v in state.items():
+        if v.is_floating_point():
+            v.copy_((1 - alpha) * other[k].to(v.device, v.dtype) + alpha * v)
+
+
+class ZSCL(Teacher):
+    """ZSCL (zero-shot continual learning), without extra data: fine-tune on D_t and distil the initial
+    model's image and text features on reference images, then ensemble weights after each task.
+
+        L = CLIP(B_t) + lambda (KD_img + KD_txt),
+        KD_img = T^2 mean_i KL(softmax(l^0_i / T) || softmax(l_i / T)) over the reference texts C_<=t,
+        KD_txt = the same over the batch images for each reference text (the transposed logits),
+    l^0 from the initial model, the batch's images as reference images (no reference dataset), the seen class
+    names as reference texts. Weight ensemble: after task t, theta <- (k theta_avg + theta) / (k + 1) with
+    theta_avg the average of the initial weights and every earlier task's result (k = t + 1 members).
+    No memory."""
+
+    name = "zscl"
+
+    def __init__(self, cfg: MethodCfg):
+        super().__init__(cfg)
+        self.average: dict[str, torch.Tensor] | None = None  # the weight ensemble so far (None: the teacher's)
+        self.members = 0
+
+    def before_task(self, ctx):
+        if self.teacher is None:  # the first task: the initial model
+            self.teacher = frozen_copy(ctx.bundle.model)
+            self.members = 1
+
+    def training_forward(self, model, images, labels, index, step):
+        ctx = self.ctx
+        assert ctx is not None and self.teacher is not None
+        terms = super().training_forward(model, images, labels, index, step)
+        ref = ctx.tokens[: ctx.n_seen].to(images.device)
+        z, text, scale = clip_forward(model, images, ref)
+        with torch.no_grad():
+            tz, ttext, tscale = clip_forward(self.teacher, images, ref)
+        student, teacher = scale * z @ text.t(), tscale * tz @ ttext.t()
+        temp = self.cfg.distill_temp
+        kd = distillation(teacher, student, temp) + distillation(teacher.t(), student.t(), temp)
+        terms["distill_loss"] = self.cfg.distill_weight * kd
+        return terms
+
+    def after_task(self, ctx):
+        assert self.teacher is not None
+        average = self.average if self.average is not None else _state_copy(self.teacher)
+        interpolate(ctx.bundle.model, average, 1.0 / (self.members + 1))
+        self.average = _state_copy(ctx.bundle.model)
+        self.members += 1
+
+    def state_dict(self):
+        return {**super().state_dict(), "average": _cpu(self.average), "members": self.members}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.members, self.average = int(state["members"]), state["average"]
+
+
+class SeenClassReplay(ER):
+    """Replay methods that classify memory samples over all seen classes: logits l_ic for c in C_<=t."""
+
+    def seen_logits(self, model, images) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits [B, n_seen], z, text of the seen classes, scale)."""
+        assert self.ctx is not None
+        z, text, scale = clip_forward(model, images, self.ctx.tokens[: self.ctx.n_seen].to(images.device))
+        return scale * z @ text.t(), z, text, scale
+
+
+class ERACE(SeenClassReplay):
+    """ER with asymmetric cross-entropy (ER-ACE): new samples compete only among the classes present in the
+    batch's new samples, memory samples among all seen classes:
+        L = mean_{i in B_t} CE(l_i restricted to C(B_t), y_i) + mean_{i in B_M} CE(l_i over C_<=t, y_i).
+    Old-class logits get no gradient from new samples, so new data does not push old classes away."""
+
+    name = "er_ace"
+
+    def training_forward(self, model, images, labels, index, step):
+        assert self.ctx is not None
+        logits, *_ = self.seen_logits(model, images)
+        is_new = index < self.ctx.new_size
+        present = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+        present[labels[is_new]] = True
+        masked = logits.masked_fill(is_new.view(-1, 1) & ~present.view(1, -1), float("-inf"))
+        terms = {"new_loss": F.cross_entropy(masked[is_new], labels[is_new]) if is_new.any() else logits.sum() * 0}
+        if (~is_new).any():
+            terms["replay_loss"] = F.cross_entropy(logits[~is_new], labels[~is_new])
+        return terms
+
+
+class DERpp(SeenClassReplay):
+    """DER++ for CLIP: CLIP loss on the new samples, and on memory samples the logits stored when they entered
+    the memory (over the classes seen then) and their labels:
+        L = CLIP(B_t) + alpha mean_{i in B_M} ||l_i,C_<=k - stored_i||^2 / |C_<=k| + beta mean_{i in B_M} CE(l_i, y_i)
+    (alpha = method.distill_weight, beta = method.label_weight, k the task that stored i)."""
+
+    name = "derpp"
+
+    def __init__(self, cfg: MethodCfg):
+        super().__init__(cfg)
+        self.stored: torch.Tensor | None = None  # [|M|, C] stored logits in memory order, nan where none
+
+    def attach(self, ctx):
+        super().attach(ctx)
+        rows = [x for k in ctx.memory.keys() for x in ctx.memory.aux.get(k, [])]
+        width = max((len(r) for r in rows), default=0)
+        stored = torch.full((len(rows), width), float("nan"))
+        for i, r in enumerate(rows):
+            stored[i, : len(r)] = r
+        self.stored = stored
+
+    def training_forward(self, model, images, labels, index, step):
+        ctx = self.ctx
+        assert ctx is not None and self.stored is not None
+        logits, z, text, scale = self.seen_logits(model, images)
+        is_new = index < ctx.new_size
+        new_labels = labels[is_new]
+        classes, inv = torch.unique(new_labels, return_inverse=True)
+        terms = {"contrastive_loss": clip_loss(z[is_new], text[classes], inv, scale)}
+        if (~is_new).any():
+            mem_logits = logits[~is_new]
+            target = self.stored[(index[~is_new] - ctx.new_size).cpu()].to(logits.device)
+            width = min(target.shape[1], mem_logits.shape[1])
+            known = ~torch.isnan(target[:, :width])
+            diff = (mem_logits[:, :width] - target[:, :width].nan_to_num()) * known
+            terms["logit_loss"] = self.cfg.distill_weight * (diff ** 2).sum() / known.sum().clamp_min(1)
+            terms["label_loss"] = self.cfg.label_weight * F.cross_entropy(mem_logits, labels[~is_new])
+        return terms
+
+    @torch.no_grad()
+    def after_task(self, ctx):
+        from .evaluate import image_features
+
+        added = self.update_memory(ctx)
+        model = ctx.bundle.model
+        was_training = model.training
+        model.eval()
+        text = F.normalize(model.encode_text(ctx.tokens[: ctx.n_seen].to(ctx.device)).float(), dim=-1)
+        scale = model.logit_scale.exp().float()
+        for key in added:
+            z = image_features(ctx.bundle, ctx.memory.group_imageset(key), ctx.eval_batch_size, ctx.device,
+                               ctx.autocast)
+            ctx.memory.aux[key] = list((scale * z @ text.t()).cpu())
+        model.train(was_training)
+
+
 METHODS: dict[str, type[Method]] = {}
 METHOD_DOCS: dict[str, str] = {}
 
@@ -192,6 +577,11 @@ for _cls, _doc in [
     (GCL, "global contrastive loss with moving-average estimators on new data + memory"),
     (GDRO, "GCL reweighted per class by distributionally robust optimisation (the paper's method)"),
     (Joint, "mini-batch CLIP loss on all data seen so far (upper bound)"),
+    (LwF, "fine-tune + distil the previous model's logits over old classes (no memory)"),
+    (WiSEFT, "fine-tune, then interpolate with the weights before the task (method.wise_alpha; no memory)"),
+    (ZSCL, "fine-tune + distil the initial model on the batch images, weight ensemble (no memory)"),
+    (DERpp, "DER++: CLIP loss on new data + stored logits and labels of the memory"),
+    (ERACE, "ER with asymmetric cross-entropy: new samples compete only among new classes"),
 ]:
     register(_cls, _doc)
 
@@ -202,4 +592,3 @@ def make_method(cfg: MethodCfg) -> Method:
         raise ConfigError(f"config key 'method.name' = {cfg.name!r}: unknown method. "
                           f"Known methods: {', '.join(METHODS)}.")
     return METHODS[cfg.name](cfg)
-
