@@ -224,3 +224,36 @@ def test_skipped_batch_leaves_estimators_untouched(tmp_path, monkeypatch):
     assert torch.isfinite(state["gcl"]["log_u1"]).all() and torch.isfinite(state["dro"]["v"]).all()
     assert [w["step"] for w in results["class_weights"]] == [0, 2]  # no telemetry of the skipped step
     assert all(torch.isfinite(p).all() for p in trainer.bundle.model.parameters())
+
+
+def test_skipped_batch_restores_batchnorm_statistics(tmp_path, monkeypatch):
+    """A nan forward has already written its batch statistics into BatchNorm buffers: a skip undoes that."""
+    from clipcl.methods import ER
+
+    real = ER.training_forward
+
+    def poisoned(self, model, images, labels, index, step):
+        terms = real(self, model, images, labels, index, step)
+        if step == 1:
+            bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            bn.running_mean.fill_(float("nan"))
+            return {k: v * float("nan") for k, v in terms.items()}
+        return terms
+
+    monkeypatch.setattr(ER, "training_forward", poisoned)
+    cfg = load_config("fmnist-cil", [*TINY, "method.name=er", "skip_nonfinite=true"])
+    trainer = Trainer(cfg, tmp_path / "out", progress_bar=False, quiet=True)
+    results = trainer.run()
+    assert results["nonfinite_skipped"] == 1
+    norms = [m for m in trainer.bundle.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all() for m in norms)
+
+
+def test_random_streams_of_different_key_counts_differ():
+    """(seed, task, 2) and (seed, task, 2, 0) once gave the same generator (SeedSequence pads with zeros)."""
+    from clipcl.sampling import seeded
+
+    a = torch.randperm(50, generator=seeded(0, 1, 2))
+    b = torch.randperm(50, generator=seeded(0, 1, 2, 0))
+    assert not torch.equal(a, b)
+    assert torch.equal(a, torch.randperm(50, generator=seeded(0, 1, 2)))

@@ -187,3 +187,21 @@ def test_capped_simplex_projection():
     assert float(q.sum()) == pytest.approx(1.0)
     assert float(q[1] / q[2]) == pytest.approx(2.0)  # the excess goes in proportion
     torch.testing.assert_close(project_capped_simplex(p, 0.2), torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+def test_capped_simplex_with_zero_weights_spreads_the_excess_equally():
+    """cvar gives 0 to the classes below the top fraction: capping must not divide by their zero mass."""
+    q = project_capped_simplex(torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64), 0.5)
+    torch.testing.assert_close(q, torch.tensor([0.5, 1 / 6, 1 / 6, 1 / 6], dtype=torch.float64))
+    dro = ClassDRO(4, "cvar", alpha=0.25, max_weight=0.5)
+    dro.update(torch.tensor([0, 1, 2, 3]), torch.tensor([3.0, 1.0, 0.5, 0.2], dtype=torch.float64))
+    p = dro.class_weights()
+    assert torch.isfinite(p).all() and float(p.sum()) == pytest.approx(1.0) and float(p.max()) == pytest.approx(0.5)
+
+
+def test_dil_forgetting_counts_only_rows_after_the_task_was_trained():
+    """In DIL, R[0, 1] is the accuracy on domain 1 before training on it: not a peak that can be forgotten."""
+    from clipcl.evaluate import forgetting
+
+    R = [[0.9, 0.95, 0.1], [0.8, 0.7, 0.2], [0.6, 0.5, 0.9]]
+    assert forgetting(R) == pytest.approx(((0.9 - 0.6) + (0.7 - 0.5)) / 2)

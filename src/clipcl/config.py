@@ -46,6 +46,8 @@ class ScenarioCfg:
     domains: tuple[str, ...] = ()  # DIL: the domains in stream order; () = the dataset's default
     train_per_class: int = 0  # keep at most this many training images per class (0 = all)
     test_per_class: int = 0  # likewise for test images
+    val_per_class: int = 0  # hold out this many of the kept training images per class as a validation split
+    #                         (seeded, removed from training), for choosing hyper-parameters; 0 = no validation split
     download: bool = True  # allow torchvision datasets to download when the files are absent
     skip_bad_images: bool = False  # replace unreadable images by a readable one of the same class and split
     #                               (counted in Dataset.notes) instead of stopping with the file's name
@@ -107,6 +109,7 @@ class EvalCfg:
 
     templates: str = "default"  # default (one template) | ensemble
     batch_size: int = 512
+    split: str = "test"  # test | val: the split R and every metric are computed on (val: tune without the test set)
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.sampling": ("concat", "uniform"),
     "method.dro": ("kl", "groupdro", "cvar", "none"),
     "eval.templates": ("default", "ensemble"),
+    "eval.split": ("test", "val"),
     "device": ("auto", "cpu", "cuda"),
 }
 
@@ -177,7 +181,7 @@ def validate(cfg: RunCfg) -> None:
         _check(value in choices, key, value, f"must be one of {', '.join(choices)}")
     s, m, o, me = cfg.scenario, cfg.memory, cfg.optim, cfg.method
     _check(s.classes_per_task >= 1, "scenario.classes_per_task", s.classes_per_task, "must be at least 1")
-    for key in ("initial_classes", "n_tasks", "train_per_class", "test_per_class"):
+    for key in ("initial_classes", "n_tasks", "train_per_class", "test_per_class", "val_per_class"):
         _check(getattr(s, key) >= 0, f"scenario.{key}", getattr(s, key), "must be 0 or more")
     _check(s.image_size >= 1, "scenario.image_size", s.image_size, "must be a positive number of pixels")
     _check(s.decode_workers >= 0, "scenario.decode_workers", s.decode_workers, "must be 0 or more")
@@ -212,6 +216,9 @@ def validate(cfg: RunCfg) -> None:
     _check(me.telemetry_every >= 1, "method.telemetry_every", me.telemetry_every, "must be at least 1")
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be 0 (per task) or more")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be at least 1")
+    # Without held-out images a val evaluation would have nothing to measure: every row of R would be empty.
+    _check(cfg.eval.split != "val" or s.val_per_class > 0, "eval.split", cfg.eval.split,
+           "needs a validation split: set scenario.val_per_class to 1 or more")
 
 
 def get_value(cfg: Any, dotted: str) -> Any:

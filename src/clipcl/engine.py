@@ -25,7 +25,7 @@ from .config import ConfigError, RunCfg, to_dict
 from .data.images import ConcatImageSet, ImageSet
 from .data.scenarios import Scenario, build_scenario, fingerprint_diff, verify_images
 from .errors import Interrupted, NonFiniteLoss
-from .evaluate import accuracy_before_training, accuracy_row, metrics, seen_accuracy
+from .evaluate import accuracy_before_training, accuracy_row, metrics, seen_accuracy, split_of
 from .files import OutputError
 from .augment import augment
 from .memory import ReplayMemory
@@ -265,12 +265,16 @@ class Trainer:
         images = self.bundle.prepare_images(data.load(positions).to(self.device, non_blocking=True))
         images = augment(images, cfg.scenario.augment, seeded(cfg.seed, self.progress.task, step, STREAM_AUGMENT))
         index = torch.as_tensor(positions, device=self.device)
-        # The forward updates the method's estimators; a skipped batch must leave them as they were, or one
-        # nan batch would poison the moving averages of its samples for the rest of the task.
-        before = _snapshot(self.method.step_state()) if cfg.skip_nonfinite else None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            terms = self.method.training_forward(model, images, labels, index, step)
-        loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
+        # The forward updates the method's estimators and the model's BatchNorm statistics; a skipped batch
+        # must leave them as they were, or one nan batch would poison them for the rest of the task.
+        before = ((_snapshot(self.method.step_state()), _snapshot(dict(self.bundle.model.named_buffers())))
+                  if cfg.skip_nonfinite else None)
+        terms = self.method.training_forward(model, images, labels, index, step)  # autocast is the method's
+        losses = [v for k, v in terms.items() if k.endswith("_loss")]
+        if not losses:
+            raise RuntimeError(f"method {cfg.method.name!r} returned no '*_loss' term at step {step} "
+                               f"(terms: {', '.join(terms) or 'none'})")
+        loss = sum(losses)
         if not torch.isfinite(loss):
             return self._nonfinite(step, terms, before)
         for group in opt.param_groups:
@@ -289,11 +293,15 @@ class Trainer:
         logged = {k: float(v.detach()) for k, v in terms.items()}
         return {**logged, "loss": float(loss.detach())}
 
-    def _nonfinite(self, step: int, terms: dict[str, torch.Tensor], before: dict | None) -> None:
+    def _nonfinite(self, step: int, terms: dict[str, torch.Tensor], before: tuple[dict, dict] | None) -> None:
         """Skip (and count) a non-finite batch when skip_nonfinite, else raise NonFiniteLoss."""
         if before is not None:
             self.progress.nonfinite_skipped += 1
-            self.method.load_step_state(before)
+            method_state, buffers = before
+            self.method.load_step_state(method_state)
+            with torch.no_grad():
+                for name, b in self.bundle.model.named_buffers():
+                    b.copy_(buffers[name])
             return None
         detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
         what = "gradient" if "grad_norm" in terms else "loss"
@@ -342,7 +350,8 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         if len(p.before) == t:
             p.before.append(accuracy_before_training(self.bundle, self.scenario, t, cfg.eval.templates,
-                                                     cfg.eval.batch_size, self.device, self.autocast))
+                                                     cfg.eval.batch_size, self.device, self.autocast,
+                                                     split=cfg.eval.split))
         if p.step == 0:
             self.start_task(t)
         else:  # resumed within the task: the optimiser and the method's state came from the checkpoint
@@ -372,7 +381,7 @@ class Trainer:
         self.method.after_task(self.ctx)  # memory update, stored logits, weight interpolation
         eval_start = time.perf_counter()
         p.rows.append(accuracy_row(self.bundle, self.scenario, t, cfg.eval.templates, cfg.eval.batch_size,
-                                   self.device, self.autocast))
+                                   self.device, self.autocast, split=cfg.eval.split))
         p.timing.append({"task": t, "train_seconds": round(p.train_seconds, 3),
                          "eval_seconds": round(time.perf_counter() - eval_start, 3), "steps": self._steps,
                          "train_images": p.images_seen,
@@ -386,11 +395,15 @@ class Trainer:
         self._task_line(t)
         self._check_signal()
 
+    def eval_sizes(self) -> list[int]:
+        """Images per task of the split R is computed on (eval.split): the weights of the seen accuracy."""
+        return [len(split_of(task, self.cfg.eval.split)) for task in self.scenario.tasks]
+
     def _task_line(self, t: int) -> None:
         """'task t/T: loss, accuracy on seen classes, img/s, elapsed' on stderr, terminal or not."""
         if self.quiet:
             return
-        p, sizes = self.progress, [len(task.test) for task in self.scenario.tasks]
+        p, sizes = self.progress, self.eval_sizes()
         timing = p.timing[-1]
         loss = f"train loss {p.loss_sum / p.loss_steps:.4f}" if p.loss_steps else "no training"
         speed = f", {timing['train_images_per_second']:.0f} img/s" if timing["train_images_per_second"] else ""
@@ -402,7 +415,7 @@ class Trainer:
     def results(self, complete: bool) -> dict:
         """The results dict: config, accuracy matrix, metrics, timings, memory, versions, telemetry."""
         p, sc = self.progress, self.scenario
-        sizes = [len(task.test) for task in sc.tasks]
+        sizes = self.eval_sizes()
         train_s = sum(x["train_seconds"] for x in p.timing)
         train_n = sum(x["train_images"] for x in p.timing)
         peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
@@ -412,7 +425,9 @@ class Trainer:
             "config": to_dict(self.cfg),
             "scenario": {"kind": sc.kind, "classnames": list(sc.classnames), "class_order": list(sc.class_order),
                          "class_order_hash": sc.order_hash, "tasks": [t.name for t in sc.tasks],
-                         "train_sizes": [len(t.train) for t in sc.tasks], "test_sizes": sizes},
+                         "train_sizes": [len(t.train) for t in sc.tasks],
+                         "test_sizes": [len(t.test) for t in sc.tasks], "val_sizes": [len(t.val) for t in sc.tasks],
+                         "eval_split": self.cfg.eval.split, "eval_sizes": sizes},
             "accuracy_matrix": p.rows,
             "accuracy_before_training": p.before,
             "metrics": metrics(p.rows, sizes, p.before),

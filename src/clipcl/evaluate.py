@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.images import ImageSet
-from .data.scenarios import Scenario
+from .data.scenarios import Scenario, Task
 from .prompts import TEMPLATE_SETS, class_tokens, text_features
 
 Matrix = Sequence[Sequence[float | None]]
@@ -46,10 +46,17 @@ def task_accuracy(bundle, data: ImageSet, text: torch.Tensor, batch_size: int, d
     return float((pred == data.targets).mean()) if len(pred) else None
 
 
+def split_of(task: Task, split: str) -> ImageSet:
+    """The images a task is evaluated on: test, or val (held out of training) while choosing hyper-parameters."""
+    if split not in ("test", "val"):
+        raise ValueError(f"unknown evaluation split {split!r}: use 'test' or 'val'")
+    return task.val if split == "val" else task.test
+
+
 @torch.no_grad()
 def accuracy_row(bundle, scenario: Scenario, t: int, templates: str, batch_size: int, device: torch.device,
-                 autocast: bool = False) -> list[float | None]:
-    """Row t of R: accuracy on each task's test data among the candidate classes of step t.
+                 autocast: bool = False, split: str = "test") -> list[float | None]:
+    """Row t of R: accuracy on each task's `split` data (test or val) among the candidate classes of step t.
 
     CIL: candidates are the classes seen so far and future tasks are not evaluated (None);
     DIL: candidates are all classes and every domain is evaluated (future ones included).
@@ -59,7 +66,7 @@ def accuracy_row(bundle, scenario: Scenario, t: int, templates: str, batch_size:
     model.eval()
     text = candidate_text(bundle, scenario.classnames[: scenario.n_seen(t)], templates, device, autocast)
     row = [None if scenario.kind == "cil" and j > t else
-           task_accuracy(bundle, task.test, text, batch_size, device, autocast)
+           task_accuracy(bundle, split_of(task, split), text, batch_size, device, autocast)
            for j, task in enumerate(scenario.tasks)]
     model.train(was_training)
     return row
@@ -67,8 +74,8 @@ def accuracy_row(bundle, scenario: Scenario, t: int, templates: str, batch_size:
 
 @torch.no_grad()
 def accuracy_before_training(bundle, scenario: Scenario, t: int, templates: str, batch_size: int,
-                             device: torch.device, autocast: bool = False) -> float | None:
-    """Accuracy on task t's test data among the candidates of step t, before task t is trained on.
+                             device: torch.device, autocast: bool = False, split: str = "test") -> float | None:
+    """Accuracy on task t's `split` data (test or val) among the candidates of step t, before training on it.
 
     For a pretrained model this is its zero-shot accuracy on a task it has not been fine-tuned on yet.
     """
@@ -76,7 +83,7 @@ def accuracy_before_training(bundle, scenario: Scenario, t: int, templates: str,
     was_training = model.training
     model.eval()
     text = candidate_text(bundle, scenario.classnames[: scenario.n_seen(t)], templates, device, autocast)
-    acc = task_accuracy(bundle, scenario[t].test, text, batch_size, device, autocast)
+    acc = task_accuracy(bundle, split_of(scenario[t], split), text, batch_size, device, autocast)
     model.train(was_training)
     return acc
 

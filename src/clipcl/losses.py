@@ -130,7 +130,9 @@ def project_capped_simplex(p: torch.Tensor, cap: float) -> torch.Tensor:
         excess = (p[over] - cap).sum()
         p[over] = cap
         free = ~over & (p < cap)
-        p[free] += excess * p[free] / p[free].sum()
+        mass = p[free].sum()
+        # in proportion to the free weights; equally when they are all 0 (cvar gives 0 to most classes)
+        p[free] += excess * p[free] / mass if mass > 0 else excess / free.sum()
     return p
 
 

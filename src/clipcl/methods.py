@@ -77,20 +77,36 @@ class Batch:
     step: int  # global step within the task
 
 
-def clip_forward(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor):
-    """(z [B, D], t [C, D], scale) through model(images, tokens): open_clip returns normalised features."""
-    out = model(images, tokens)
+def clip_forward(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, autocast: bool = False):
+    """(z [B, D], t [C, D], scale) through model(images, tokens) (open_clip returns normalised features), the
+    model under bf16 autocast when `autocast`; the outputs are float32, so every loss is computed in float32."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(images, tokens)
     if isinstance(out, dict):
-        return out["image_features"].float(), out["text_features"].float(), out["logit_scale"]
-    return out[0].float(), out[1].float(), out[2]
+        out = (out["image_features"], out["text_features"], out["logit_scale"])
+    return out[0].float(), out[1].float(), out[2].float()
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A teacher: a copy of the model in eval mode with no gradients."""
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
+        p.grad = None
         p.requires_grad_(False)
     return teacher
+
+
+class evaluating:
+    """`with evaluating(model):` the model in eval mode (BatchNorm on its running statistics), then restored."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> nn.Module:
+        return self.model.eval()
+
+    def __exit__(self, *exc) -> None:
+        self.model.train(self.was_training)
 
 
 def distillation(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temp: float) -> torch.Tensor:
@@ -155,11 +171,27 @@ class Method:
         classes, inv = torch.unique(labels, return_inverse=True)
         return self.ctx.tokens[classes.cpu()].to(labels.device), inv
 
+    def forward(self, model: nn.Module, images: torch.Tensor, tokens: torch.Tensor):
+        """(z, t, scale) of model(images, tokens) under the run's autocast; float32 outputs."""
+        assert self.ctx is not None, "attach() a TaskContext first"
+        return clip_forward(model, images, tokens, self.ctx.autocast)
+
+    def forward_batch(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      extra: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward for the batch's class texts and the texts of classes 0..extra-1: (z, text of the batch's
+        classes, each sample's row among them, text of the extra classes, scale)."""
+        assert self.ctx is not None
+        tokens, inv = self.batch_text(labels)
+        n = len(tokens)
+        if extra:
+            tokens = torch.cat([tokens, self.ctx.tokens[:extra].to(tokens.device)])
+        z, text, scale = self.forward(model, images, tokens)
+        return z, text[:n], inv, text[n:], scale
+
     def training_forward(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
                          step: int) -> dict[str, torch.Tensor]:
         """Named terms of one batch (images already prepared and augmented); `*_loss` terms are summed."""
-        tokens, inv = self.batch_text(labels)
-        z, text, scale = clip_forward(model, images, tokens)
+        z, text, inv, _, scale = self.forward_batch(model, images, labels)
         return {"contrastive_loss": clip_loss(z, text, inv, scale)}
 
     # ----------------------------------------------------------------- state
@@ -235,7 +267,8 @@ class ER(Method):
         if ctx.memory.selection == "herding":
             from .evaluate import image_features
 
-            features = image_features(ctx.bundle, train, ctx.eval_batch_size, ctx.device, ctx.autocast).cpu()
+            with evaluating(ctx.bundle.model):  # the model after the task, BatchNorm on its running statistics
+                features = image_features(ctx.bundle, train, ctx.eval_batch_size, ctx.device, ctx.autocast).cpu()
         return ctx.memory.update(ctx.task, train, seeded(ctx.seed, ctx.task, STREAM_SELECT), features)
 
 
@@ -266,8 +299,7 @@ class GCL(ER):
         return ok / ok.sum().clamp_min(1)
 
     def training_forward(self, model, images, labels, index, step):
-        tokens, inv = self.batch_text(labels)
-        z, text, scale = clip_forward(model, images, tokens)
+        z, text, inv, _, scale = self.forward_batch(model, images, labels)
         return self.loss(Batch(z=z, text=text, inv=inv, labels=labels, index=index, logit_scale=scale, step=step))
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -372,13 +404,13 @@ class LwF(Teacher):
     def training_forward(self, model, images, labels, index, step):
         ctx = self.ctx
         assert ctx is not None
-        terms = super().training_forward(model, images, labels, index, step)
-        if self.teacher is not None and ctx.n_old:
-            old = ctx.tokens[: ctx.n_old].to(images.device)
-            z, text, scale = clip_forward(model, images, old)
+        n_old = ctx.n_old if self.teacher is not None else 0
+        z, text, inv, old_text, scale = self.forward_batch(model, images, labels, extra=n_old)
+        terms = {"contrastive_loss": clip_loss(z, text, inv, scale)}
+        if n_old:
             with torch.no_grad():
-                tz, ttext, tscale = clip_forward(self.teacher, images, old)
-            kd = distillation(tscale * tz @ ttext.t(), scale * z @ text.t(), self.cfg.distill_temp)
+                tz, ttext, tscale = self.forward(self.teacher, images, ctx.tokens[:n_old].to(images.device))
+            kd = distillation(tscale * tz @ ttext.t(), scale * z @ old_text.t(), self.cfg.distill_temp)
             terms["distill_loss"] = self.cfg.distill_weight * kd
         return terms
 
@@ -446,12 +478,11 @@ class ZSCL(Teacher):
     def training_forward(self, model, images, labels, index, step):
         ctx = self.ctx
         assert ctx is not None and self.teacher is not None
-        terms = super().training_forward(model, images, labels, index, step)
-        ref = ctx.tokens[: ctx.n_seen].to(images.device)
-        z, text, scale = clip_forward(model, images, ref)
+        z, text, inv, ref_text, scale = self.forward_batch(model, images, labels, extra=ctx.n_seen)
+        terms = {"contrastive_loss": clip_loss(z, text, inv, scale)}
         with torch.no_grad():
-            tz, ttext, tscale = clip_forward(self.teacher, images, ref)
-        student, teacher = scale * z @ text.t(), tscale * tz @ ttext.t()
+            tz, ttext, tscale = self.forward(self.teacher, images, ctx.tokens[: ctx.n_seen].to(images.device))
+        student, teacher = scale * z @ ref_text.t(), tscale * tz @ ttext.t()
         temp = self.cfg.distill_temp
         kd = distillation(teacher, student, temp) + distillation(teacher.t(), student.t(), temp)
         terms["distill_loss"] = self.cfg.distill_weight * kd
@@ -478,7 +509,7 @@ class SeenClassReplay(ER):
     def seen_logits(self, model, images) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [B, n_seen], z, text of the seen classes, scale)."""
         assert self.ctx is not None
-        z, text, scale = clip_forward(model, images, self.ctx.tokens[: self.ctx.n_seen].to(images.device))
+        z, text, scale = self.forward(model, images, self.ctx.tokens[: self.ctx.n_seen].to(images.device))
         return scale * z @ text.t(), z, text, scale
 
 
@@ -529,16 +560,18 @@ class DERpp(SeenClassReplay):
         assert ctx is not None and self.stored is not None
         logits, z, text, scale = self.seen_logits(model, images)
         is_new = index < ctx.new_size
-        new_labels = labels[is_new]
-        classes, inv = torch.unique(new_labels, return_inverse=True)
-        terms = {"contrastive_loss": clip_loss(z[is_new], text[classes], inv, scale)}
+        terms = {}
+        if is_new.any():  # uniform sampling can draw a batch of memory samples only
+            classes, inv = torch.unique(labels[is_new], return_inverse=True)
+            terms["contrastive_loss"] = clip_loss(z[is_new], text[classes], inv, scale)
         if (~is_new).any():
             mem_logits = logits[~is_new]
             target = self.stored[(index[~is_new] - ctx.new_size).cpu()].to(logits.device)
             width = min(target.shape[1], mem_logits.shape[1])
             known = ~torch.isnan(target[:, :width])
             diff = (mem_logits[:, :width] - target[:, :width].nan_to_num()) * known
-            terms["logit_loss"] = self.cfg.distill_weight * (diff ** 2).sum() / known.sum().clamp_min(1)
+            per_sample = (diff ** 2).sum(1) / known.sum(1).clamp_min(1)  # mean over the classes stored with it
+            terms["logit_loss"] = self.cfg.distill_weight * per_sample[known.any(1)].mean()
             terms["label_loss"] = self.cfg.label_weight * F.cross_entropy(mem_logits, labels[~is_new])
         return terms
 
@@ -547,16 +580,13 @@ class DERpp(SeenClassReplay):
         from .evaluate import image_features
 
         added = self.update_memory(ctx)
-        model = ctx.bundle.model
-        was_training = model.training
-        model.eval()
-        text = F.normalize(model.encode_text(ctx.tokens[: ctx.n_seen].to(ctx.device)).float(), dim=-1)
-        scale = model.logit_scale.exp().float()
-        for key in added:
-            z = image_features(ctx.bundle, ctx.memory.group_imageset(key), ctx.eval_batch_size, ctx.device,
-                               ctx.autocast)
-            ctx.memory.aux[key] = list((scale * z @ text.t()).cpu())
-        model.train(was_training)
+        with evaluating(ctx.bundle.model) as model:
+            text = F.normalize(model.encode_text(ctx.tokens[: ctx.n_seen].to(ctx.device)).float(), dim=-1)
+            scale = model.logit_scale.exp().float()
+            for key in added:
+                z = image_features(ctx.bundle, ctx.memory.group_imageset(key), ctx.eval_batch_size, ctx.device,
+                                   ctx.autocast)
+                ctx.memory.aux[key] = list((scale * z @ text.t()).cpu())
 
 
 METHODS: dict[str, type[Method]] = {}

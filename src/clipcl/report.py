@@ -139,7 +139,8 @@ def plot_comparison(runs: dict[str, dict], path: Path) -> None:
     drawn = {name: r for name, r in runs.items() if r["accuracy_matrix"]}
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in drawn.items():
-        R, sizes = r["accuracy_matrix"], r["scenario"]["test_sizes"]
+        R = r["accuracy_matrix"]
+        sizes = r["scenario"].get("eval_sizes") or r["scenario"]["test_sizes"]
         ax.plot(range(1, len(R) + 1), [100 * seen_accuracy(R, sizes, t) for t in range(len(R))], marker="o", label=name)
     ax.set_xticks(range(1, 1 + max((len(r["accuracy_matrix"]) for r in drawn.values()), default=0)))
     ax.set_xlabel("after task")
@@ -275,6 +276,8 @@ def collect_runs(paths: list[str]) -> tuple[dict[str, dict], list[str]]:
     values = {"class orders (scenario.class_order_hash)":
               {label: str(r["scenario"].get("class_order_hash")) for label, r in runs.items()},
               "benchmarks (scenario)": _benchmarks(runs),
-              "memory sizes (config.memory)": {label: _memory_size(r) for label, r in runs.items()}}
+              "memory sizes (config.memory)": {label: _memory_size(r) for label, r in runs.items()},
+              "evaluation splits (config.eval.split)":
+              {label: str((r["config"].get("eval") or {}).get("split", "test")) for label, r in runs.items()}}
     return runs, [f"the runs use different {what}, so their numbers are not comparable: {text}"
                   for what, v in values.items() if (text := _disagreement(v))]

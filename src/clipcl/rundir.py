@@ -148,7 +148,8 @@ def _remove_run_files(folder: Path) -> list[str]:
         if p.is_symlink() or p.is_file():
             p.unlink()
         for stale in folder.glob(f".{name}.tmp-*"):
-            stale.unlink(missing_ok=True)
+            if stale.is_symlink() or stale.is_file():
+                stale.unlink()
     return sorted(p.name for p in folder.iterdir())
 
 

@@ -13,8 +13,12 @@ STREAM_ORDER, STREAM_MEMORY, STREAM_SELECT, STREAM_AUGMENT = 0, 1, 2, 3
 
 
 def seeded(*keys: int) -> torch.Generator:
-    """A torch generator whose seed is a hash of the keys (seed, task, step, ...)."""
-    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    """A torch generator whose seed is a hash of the keys (seed, task, step, ...).
+
+    The number of keys is hashed too: SeedSequence pads its entropy with zeros, so (s, t, 2) and (s, t, 2, 0)
+    would otherwise give the same stream.
+    """
+    seed = int(np.random.SeedSequence([len(keys), *(int(k) for k in keys)]).generate_state(1, dtype=np.uint64)[0] >> 1)
     return torch.Generator().manual_seed(seed)
 
 

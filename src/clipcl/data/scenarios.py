@@ -21,13 +21,18 @@ from .images import FileStore, ImageSet
 
 @dataclass(frozen=True)
 class Task:
-    """One step of the stream: its training and test images and the classes it brings."""
+    """One step of the stream: its training, test and validation images and the classes it brings.
+
+    val is held out of the training images (scenario.val_per_class), so hyper-parameters can be chosen
+    without looking at test; it is empty when no validation split was asked for.
+    """
 
     index: int
     name: str
     classes: tuple[int, ...]  # scenario labels of the classes present in this task
     train: ImageSet
     test: ImageSet
+    val: ImageSet
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,19 @@ class Scenario:
                 "tasks": [t.name for t in self.tasks],
                 "train_sizes": [len(t.train) for t in self.tasks], "test_sizes": [len(t.test) for t in self.tasks],
                 "train_hashes": [_content_hash(t.train, root) for t in self.tasks],
-                "test_hashes": [_content_hash(t.test, root) for t in self.tasks]}
+                "test_hashes": [_content_hash(t.test, root) for t in self.tasks],
+                "val_sizes": [len(t.val) for t in self.tasks],
+                "val_hashes": [_content_hash(t.val, root) for t in self.tasks]}
+
+
+EMPTY_HASH = hashlib.sha256(b"\0labels").hexdigest()[:16]  # _content_hash of a split with no images
+
+
+def _split_field(fp: dict, key: str) -> list:
+    """fp[key]; a fingerprint without val keys was saved before validation splits, so it had none."""
+    if key in fp or not key.startswith("val_"):
+        return list(fp.get(key, []))
+    return [0 if key == "val_sizes" else EMPTY_HASH] * len(fp.get("tasks", []))
 
 
 def _content_hash(images: ImageSet, root: str) -> str:
@@ -130,9 +147,9 @@ def fingerprint_diff(old: dict, new: dict, max_parts: int = 6) -> str:
         if was != now:
             parts.append(f"task {t} is {_short(now)!r}, was {_short(was)!r}")
             continue
-        for split, what in (("train", "training"), ("test", "test")):
-            sizes = [fp.get(f"{split}_sizes", [])[t:t + 1] for fp in (old, new)]
-            hashes = [fp.get(f"{split}_hashes", [])[t:t + 1] for fp in (old, new)]
+        for split, what in (("train", "training"), ("test", "test"), ("val", "validation")):
+            sizes = [_split_field(fp, f"{split}_sizes")[t:t + 1] for fp in (old, new)]
+            hashes = [_split_field(fp, f"{split}_hashes")[t:t + 1] for fp in (old, new)]
             if sizes[0] != sizes[1]:
                 counts = [str(s[0]) if s else "?" for s in sizes]
                 parts.append(f"task {t} ({_short(now)}): {what} images {counts[0]} -> {counts[1]}")
@@ -146,7 +163,7 @@ def fingerprint_diff(old: dict, new: dict, max_parts: int = 6) -> str:
 def verify_images(scenario: Scenario, workers: int = 16) -> dict:
     """Header-check every image file the scenario's tasks use, so a bad file stops the run before training.
 
-    Only the positions the tasks keep are checked (train and test of every task, after per-class limits);
+    Only the positions the tasks keep are checked (train, test and val of every task, after per-class limits);
     in-memory images need no check. Returns {"files": files checked, "bad": unreadable files, "seconds":
     time taken}. Bad files raise a ConfigError naming the first, unless the store skips bad images
     (scenario.skip_bad_images=true): then they go into its `bad` record up front (substituted on every
@@ -155,7 +172,7 @@ def verify_images(scenario: Scenario, workers: int = 16) -> dict:
     start = time.perf_counter()
     used: dict[int, tuple[FileStore, list[np.ndarray]]] = {}
     for task in scenario.tasks:
-        for images in (task.train, task.test):
+        for images in (task.train, task.test, task.val):
             store = getattr(images, "store", None)
             if isinstance(store, FileStore):
                 used.setdefault(id(store), (store, []))[1].append(images.index)
@@ -235,7 +252,8 @@ def class_incremental(train: ImageSet, test: ImageSet, classnames: Sequence[str]
         labels = tuple(range(bounds[t], bounds[t + 1]))
         tr = train.subset(np.flatnonzero(np.isin(train.targets, labels)))
         te = test.subset(np.flatnonzero(np.isin(test.targets, labels)))
-        tasks.append(Task(t, f"task{t}:" + ",".join(classnames[used[c]] for c in labels), labels, tr, te))
+        tasks.append(Task(t, f"task{t}:" + ",".join(classnames[used[c]] for c in labels), labels, tr, te,
+                          tr.subset(np.zeros(0, np.int64))))
     return Scenario("cil", tuple(classnames[c] for c in used), tuple(used), tuple(tasks))
 
 
@@ -250,12 +268,64 @@ def domain_incremental(domains: dict[str, tuple[ImageSet, ImageSet]], classnames
     tasks = []
     for t, d in enumerate(order):
         tr, te = domains[d]
-        tasks.append(Task(t, d, tuple(sorted(set(tr.targets.tolist()))), tr, te))
+        tasks.append(Task(t, d, tuple(sorted(set(tr.targets.tolist()))), tr, te, tr.subset(np.zeros(0, np.int64))))
     return Scenario("dil", tuple(classnames), tuple(range(n)), tuple(tasks))
 
 
+VAL_SALT = 52711  # mixed into the run's seed: the validation draw is a stream of its own, apart from subsampling
+
+
+def hold_out(images: ImageSet, per_class: int, seed: int, stream: int,
+             ids: Sequence[int]) -> tuple[ImageSet, ImageSet, list[tuple[int, int]]]:
+    """(train, val, short): per_class images of each class moved, at random, from images to val.
+
+    Each class draws with its own generator, seeded by the run's seed and the class's identity (stream, the
+    domain; ids[label], its dataset label id), so a class holds out the same images whatever the class order,
+    the task it falls in or the other classes. Both parts keep the images' order. A class keeps at least one
+    training image; short lists (label, training images) of the classes that could not give per_class.
+    """
+    order = np.argsort(images.targets, kind="stable")
+    labels, starts, counts = np.unique(images.targets[order], return_index=True, return_counts=True)
+    val, short = [np.zeros(0, np.int64)], []
+    for c, start, n in zip(labels.tolist(), starts, counts):
+        k = min(per_class, n - 1)
+        if k < per_class:
+            short.append((c, int(n)))
+        if k > 0:
+            rng = np.random.default_rng([seed, VAL_SALT, stream, int(ids[c])])
+            val.append(rng.choice(order[start:start + n], size=k, replace=False))
+    held = np.sort(np.concatenate(val))
+    return images.subset(np.setdiff1d(np.arange(len(images)), held)), images.subset(held), short
+
+
+def with_validation(scenario: Scenario, per_class: int, seed: int, streams: Sequence[int]) -> Scenario:
+    """The scenario with per_class training images of each class of each task moved to the task's val.
+
+    A class too small to give them all and keep a training image is named in notes['warnings'] (a copy of
+    the notes: the dataset's own stay as they were).
+    """
+    if per_class <= 0:
+        return scenario
+    tasks, short = [], []
+    for task, stream in zip(scenario.tasks, streams):
+        train, val, few = hold_out(task.train, per_class, seed, stream, scenario.class_order)
+        tasks.append(replace(task, train=train, val=val))
+        short += [f"{_short(scenario.classnames[c])!r} of task {task.index} ({n} images)" for c, n in few]
+    notes = scenario.notes
+    if short:
+        which = "1 class has" if len(short) == 1 else f"{len(short)} classes have"
+        line = (f"scenario.val_per_class = {per_class}: {which} too few training images, so each keeps one "
+                f"for training and holds out the rest: {_listing(short)}")
+        notes = {**notes, "warnings": [*notes.get("warnings", []), line]}
+    return replace(scenario, tasks=tuple(tasks), notes=notes)
+
+
 def build_scenario(cfg: ScenarioCfg, seed: int = 0, dataset: Dataset | None = None) -> Scenario:
-    """Load cfg's dataset and cut it into the stream of tasks cfg describes."""
+    """Load cfg's dataset and cut it into the stream of tasks cfg describes, holding out validation images.
+
+    The validation draw comes last and from generators of its own, so with val_per_class=0 the tasks are
+    exactly those of a run made before validation splits existed.
+    """
     ds = dataset or load_dataset(cfg)
     rng = np.random.default_rng(seed + 7919)  # subsampling is part of the run's seed, not the class order
     if cfg.kind == "dil":
@@ -267,7 +337,9 @@ def build_scenario(cfg: ScenarioCfg, seed: int = 0, dataset: Dataset | None = No
         order = list(cfg.domains) or list(ds.domains)
         if cfg.n_tasks:
             order = order[: cfg.n_tasks]
-        return replace(domain_incremental(domains, ds.classnames, order), notes=ds.notes)
+        scenario = domain_incremental(domains, ds.classnames, order)  # first: it names unknown domains
+        streams = [1 + list(ds.domains).index(d) for d in order]  # a domain's draw is its own, wherever it comes
+        return with_validation(replace(scenario, notes=ds.notes), cfg.val_per_class, seed, streams)
     if ds.train is None or ds.test is None:
         raise ConfigError(f"config key 'scenario.kind' = 'cil': dataset '{cfg.dataset}' is domain-incremental "
                           "only. Use kind: dil.")
@@ -279,4 +351,4 @@ def build_scenario(cfg: ScenarioCfg, seed: int = 0, dataset: Dataset | None = No
     test = ds.test.per_class_limit(cfg.test_per_class, rng)
     scenario = class_incremental(train, test, ds.classnames, order, cfg.classes_per_task,
                                  cfg.initial_classes, cfg.n_tasks)
-    return replace(scenario, notes=ds.notes)
+    return with_validation(replace(scenario, notes=ds.notes), cfg.val_per_class, seed, [0] * len(scenario))
