@@ -282,3 +282,56 @@ def test_methods_build_from_their_names():
     for name, cls in METHODS.items():
         assert isinstance(make_method(MethodCfg(name=name)), cls)
     assert {LwF, WiSEFT, ZSCL, DERpp, ERACE} <= set(METHODS.values())
+
+
+# ---------------------------------------------------------------------- gdro's options (issue: make it earn its place)
+def test_dro_size_adjustment_reads_class_losses_as_v_plus_c_over_sqrt_n():
+    from clipcl.losses import ClassDRO
+
+    dro = ClassDRO(3, "kl", lam=0.5, adjust=2.0)
+    dro.set_sizes(torch.tensor([100, 4, 1]))
+    dro.update(torch.tensor([0, 1, 2]), torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64))
+    v = torch.tensor([1 + 2 / 10, 1 + 2 / 2, 1 + 2 / 1], dtype=torch.float64)
+    torch.testing.assert_close(dro.class_weights(), torch.softmax(v / 0.5, 0))
+
+
+def test_sample_mix_one_is_the_plain_sample_mean_and_zero_is_dro():
+    from clipcl.methods import GCL, GDRO, Batch
+
+    g = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(12, 8, generator=g), dim=-1)
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 3])
+    classes, inv = torch.unique(labels, return_inverse=True)
+    text = F.normalize(torch.randn(len(classes), 8, generator=g), dim=-1)
+    batch = Batch(z=z, text=text, inv=inv, labels=labels, index=torch.arange(12), logit_scale=torch.tensor(10.0),
+                  step=0)
+    weights = {}
+    for mix in (0.0, 1.0, 0.5):
+        m = GDRO(MethodCfg(name="gdro", sample_mix=mix))
+        m.start_estimators(12, 4)
+        out = m.gcl(batch.z, batch.text, batch.inv, batch.index, 0.1)
+        weights[mix] = m.sample_weights(batch, out)
+    plain = GCL(MethodCfg(name="gcl"))
+    plain.start_estimators(12, 4)
+    out = plain.gcl(batch.z, batch.text, batch.inv, batch.index, 0.1)
+    torch.testing.assert_close(weights[1.0], plain.sample_weights(batch, out).double())
+    torch.testing.assert_close(weights[0.5], 0.5 * weights[0.0] + 0.5 * weights[1.0])
+    assert not torch.allclose(weights[0.0], weights[1.0])  # DRO weights differ from the sample mean here
+
+
+def test_cosine_gamma_goes_from_one_to_gamma_min_over_the_task(tmp_path):
+    tr = trainer(tmp_path, "method.name=gcl", "method.gamma_schedule=cosine", "method.gamma_min=0.2")
+    tr.start_task(0)
+    seen = []
+    real = tr.method.loss
+
+    def record(batch):
+        seen.append(tr.method.gcl.gamma)
+        return real(batch)
+
+    tr.method.loss = record
+    for step in range(tr._steps):
+        tr.train_step(tr.batch_positions(step), step)
+    steps = tr.ctx.steps
+    assert seen[0] == pytest.approx(1.0)
+    assert seen == pytest.approx([0.2 + 0.8 * 0.5 * (1 + np.cos(np.pi * s / steps)) for s in range(steps)])

@@ -100,6 +100,11 @@ class MethodCfg:
     distill_temp: float = 2.0  # lwf, zscl: distillation temperature
     label_weight: float = 0.5  # derpp: weight of the memory samples' cross-entropy
     max_weight: float = 0.0  # cap on a class's DRO weight (0 = no cap)
+    gamma_schedule: str = "constant"  # constant (gamma) | cosine (FastCLIP: from 1 down to gamma_min over a task)
+    gamma_min: float = 0.2  # the last value of the cosine gamma schedule
+    dro_adjust: float = 0.0  # group DRO's size adjustment: class losses v_c + dro_adjust / sqrt(n_c), n_c the
+    #                          class's samples in D_t U M (small memory classes look worse, get more weight)
+    sample_mix: float = 0.0  # w = (1 - sample_mix) w_DRO + sample_mix w_sample: keeps weight on the new task
     telemetry_every: int = 1  # record the DRO class weights every N steps
 
 
@@ -110,6 +115,8 @@ class EvalCfg:
     templates: str = "default"  # default (one template) | ensemble
     batch_size: int = 512
     split: str = "test"  # test | val: the split R and every metric are computed on (val: tune without the test set)
+    unseen: bool = False  # also measure, after each task, the tasks not trained yet among all classes: how much
+    #                       of a pretrained model's zero-shot accuracy fine-tuning keeps (unseen_matrix)
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scenario.augment": ("none", "shift", "crop_flip"),
     "method.sampling": ("concat", "uniform"),
     "method.dro": ("kl", "groupdro", "cvar", "none"),
+    "method.gamma_schedule": ("constant", "cosine"),
     "eval.templates": ("default", "ensemble"),
     "eval.split": ("test", "val"),
     "device": ("auto", "cpu", "cuda"),
@@ -209,6 +217,9 @@ def validate(cfg: RunCfg) -> None:
     _check(0 < me.alpha <= 1, "method.alpha", me.alpha, "must be in (0, 1]")
     _check(me.max_weight == 0 or 0 < me.max_weight <= 1, "method.max_weight", me.max_weight,
            "must be 0 (no cap) or in (0, 1]")
+    _check(0 < me.gamma_min <= 1, "method.gamma_min", me.gamma_min, "must be in (0, 1]")
+    _check(me.dro_adjust >= 0, "method.dro_adjust", me.dro_adjust, "must be 0 (off) or more")
+    _check(0 <= me.sample_mix <= 1, "method.sample_mix", me.sample_mix, "must be in [0, 1]")
     _check(0 <= me.wise_alpha <= 1, "method.wise_alpha", me.wise_alpha, "must be in [0, 1]")
     _check(me.distill_weight >= 0, "method.distill_weight", me.distill_weight, "must be 0 or more")
     _check(me.distill_temp > 0, "method.distill_temp", me.distill_temp, "must be positive")

@@ -25,7 +25,8 @@ from .config import ConfigError, RunCfg, to_dict
 from .data.images import ConcatImageSet, ImageSet
 from .data.scenarios import Scenario, build_scenario, fingerprint_diff, verify_images
 from .errors import Interrupted, NonFiniteLoss
-from .evaluate import accuracy_before_training, accuracy_row, metrics, seen_accuracy, split_of
+from .evaluate import (accuracy_before_training, accuracy_row, metrics, seen_accuracy, split_of, unseen_change,
+                       unseen_row)
 from .files import OutputError
 from .augment import augment
 from .memory import ReplayMemory
@@ -89,6 +90,7 @@ class Progress:
     images_seen: int = 0  # within the current task
     loss_sum: float = 0.0  # of the logged training loss, within the current task
     loss_steps: int = 0
+    unseen: list[list[float | None]] = field(default_factory=list)  # eval.unseen: row s after s tasks trained
 
 
 def say(line: str) -> None:
@@ -232,8 +234,8 @@ class Trainer:
         self.data = ConcatImageSet([self.new, self.mem]) if self.mem is not None else self.new
         ctx.data_size, ctx.new_size = len(self.data), len(self.new)
         self.ctx = ctx
+        self._steps = ctx.steps = self.total_steps(t)
         self.method.attach(ctx)
-        self._steps = self.total_steps(t)
 
     def start_task(self, t: int, steps: int | None = None) -> None:
         """Begin task t at its first step: context and data, the method's before_task, a fresh optimiser.
@@ -242,7 +244,7 @@ class Trainer:
         """
         self.enter_task(t)
         if steps is not None:
-            self._steps = steps
+            self._steps = self.ctx.steps = steps  # type: ignore[union-attr]
         assert self.ctx is not None
         self.progress.task, self.progress.step = t, 0
         if self.method.trains:
@@ -348,6 +350,8 @@ class Trainer:
 
     def _run_task(self, t: int) -> None:
         cfg, p = self.cfg, self.progress
+        if cfg.eval.unseen and len(p.unseen) == t == 0:  # zero-shot accuracy of the model as it starts
+            p.unseen.append(self._unseen_row(0))
         if len(p.before) == t:
             p.before.append(accuracy_before_training(self.bundle, self.scenario, t, cfg.eval.templates,
                                                      cfg.eval.batch_size, self.device, self.autocast,
@@ -382,6 +386,8 @@ class Trainer:
         eval_start = time.perf_counter()
         p.rows.append(accuracy_row(self.bundle, self.scenario, t, cfg.eval.templates, cfg.eval.batch_size,
                                    self.device, self.autocast, split=cfg.eval.split))
+        if cfg.eval.unseen and t + 1 < len(self.scenario):
+            p.unseen.append(self._unseen_row(t + 1))
         p.timing.append({"task": t, "train_seconds": round(p.train_seconds, 3),
                          "eval_seconds": round(time.perf_counter() - eval_start, 3), "steps": self._steps,
                          "train_images": p.images_seen,
@@ -394,6 +400,11 @@ class Trainer:
             self._write(lambda: write_results_json(self.results(complete=False), self.out_dir))
         self._task_line(t)
         self._check_signal()
+
+    def _unseen_row(self, trained: int) -> list[float | None]:
+        cfg = self.cfg
+        return unseen_row(self.bundle, self.scenario, trained, cfg.eval.templates, cfg.eval.batch_size, self.device,
+                          self.autocast, split=cfg.eval.split)
 
     def eval_sizes(self) -> list[int]:
         """Images per task of the split R is computed on (eval.split): the weights of the seen accuracy."""
@@ -430,7 +441,9 @@ class Trainer:
                          "eval_split": self.cfg.eval.split, "eval_sizes": sizes},
             "accuracy_matrix": p.rows,
             "accuracy_before_training": p.before,
-            "metrics": metrics(p.rows, sizes, p.before),
+            "metrics": {**metrics(p.rows, sizes, p.before),
+                        **({"unseen_change": unseen_change(p.unseen)} if self.cfg.eval.unseen else {})},
+            **({"unseen_matrix": p.unseen} if self.cfg.eval.unseen else {}),
             "timing": {"tasks": p.timing, "train_seconds": round(train_s, 3),
                        "train_images_per_second": round(train_n / train_s, 1) if train_s else None,
                        "peak_memory_bytes": int(peak),

@@ -14,6 +14,19 @@ from .prompts import TEMPLATE_SETS, class_tokens, text_features
 Matrix = Sequence[Sequence[float | None]]
 
 
+class evaluating:
+    """`with evaluating(model):` the model in eval mode (BatchNorm on its running statistics), then restored."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> torch.nn.Module:
+        return self.model.eval()
+
+    def __exit__(self, *exc) -> None:
+        self.model.train(self.was_training)
+
+
 @torch.no_grad()
 def image_features(bundle, data: ImageSet, batch_size: int, device: torch.device,
                    autocast: bool = False) -> torch.Tensor:
@@ -86,6 +99,28 @@ def accuracy_before_training(bundle, scenario: Scenario, t: int, templates: str,
     acc = task_accuracy(bundle, split_of(scenario[t], split), text, batch_size, device, autocast)
     model.train(was_training)
     return acc
+
+
+@torch.no_grad()
+def unseen_row(bundle, scenario: Scenario, trained: int, templates: str, batch_size: int, device: torch.device,
+               autocast: bool = False, split: str = "test") -> list[float | None]:
+    """Accuracy on each task j >= trained (not trained yet) among all classes; None for the trained ones.
+
+    Row 0 (nothing trained) is the model's zero-shot accuracy on every task; later rows say how much of it
+    fine-tuning on the first tasks keeps on the tasks still to come.
+    """
+    with evaluating(bundle.model):
+        text = candidate_text(bundle, scenario.classnames, templates, device, autocast)
+        return [task_accuracy(bundle, split_of(task, split), text, batch_size, device, autocast) if j >= trained
+                else None for j, task in enumerate(scenario.tasks)]
+
+
+def unseen_change(U: Matrix) -> float | None:
+    """Mean over s >= 1 and j >= s of U[s][j] - U[0][j]: the zero-shot accuracy on tasks not trained yet that
+    fine-tuning gained (positive) or lost (negative); None without such entries."""
+    diffs = [U[s][j] - U[0][j] for s in range(1, len(U)) for j in range(s, len(U[s]))
+             if U[s][j] is not None and U[0][j] is not None]
+    return float(np.mean(diffs)) if diffs else None
 
 
 def seen_accuracy(R: Matrix, sizes: Sequence[int], t: int) -> float:

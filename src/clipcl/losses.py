@@ -146,18 +146,21 @@ class ClassDRO(nn.Module):
       cvar     p uniform on the top ceil(alpha |K|) classes by v
       none     p uniform (class-balanced averaging only)
     then optionally capped at max_weight. A batch sample i gets w_i = p_{y_i} / (n_B(y_i) sum_{c in B} p_c).
+    With `adjust` = C > 0, every v_c above is read as v_c + C / sqrt(n_c), n_c the class's samples in the stage
+    (group DRO's size adjustment: a memory class of 2 images looks worse than its loss says).
     """
 
     VARIANTS = ("kl", "groupdro", "cvar", "none")
 
     def __init__(self, n_classes: int = 0, variant: str = "kl", lam: float = 1.0, beta: float = 0.1,
-                 eta: float = 0.01, alpha: float = 0.5, max_weight: float = 0.0):
+                 eta: float = 0.01, alpha: float = 0.5, max_weight: float = 0.0, adjust: float = 0.0):
         super().__init__()
         if variant not in self.VARIANTS:
             raise ValueError(f"unknown DRO variant {variant!r}; choose from {', '.join(self.VARIANTS)}")
-        self.variant, self.lam, self.beta, self.eta, self.alpha, self.max_weight = (
-            variant, lam, beta, eta, alpha, max_weight)
+        self.variant, self.lam, self.beta, self.eta, self.alpha, self.max_weight, self.adjust = (
+            variant, lam, beta, eta, alpha, max_weight, adjust)
         self.register_buffer("v", torch.zeros(n_classes, dtype=torch.float64))
+        self.register_buffer("sizes", torch.ones(n_classes, dtype=torch.float64))  # n_c, for `adjust`
         self.register_buffer("log_q", torch.zeros(n_classes, dtype=torch.float64))
         self.register_buffer("visited", torch.zeros(n_classes, dtype=torch.bool))
 
@@ -167,6 +170,11 @@ class ClassDRO(nn.Module):
         self.v = torch.zeros(n_classes, dtype=torch.float64, device=device)
         self.log_q = torch.zeros(n_classes, dtype=torch.float64, device=device)
         self.visited = torch.zeros(n_classes, dtype=torch.bool, device=device)
+        self.sizes = torch.ones(n_classes, dtype=torch.float64, device=device)
+
+    def set_sizes(self, sizes: torch.Tensor) -> None:
+        """n_c, the samples of each class in the stage's data (group DRO's size adjustment)."""
+        self.sizes = sizes.to(self.v.device, torch.float64).clamp_min(1)
 
     @torch.no_grad()
     def update(self, labels: torch.Tensor, losses: torch.Tensor) -> None:
@@ -188,7 +196,7 @@ class ClassDRO(nn.Module):
         k = int(seen.sum())
         if k == 0:
             return p
-        v = self.v[seen]
+        v = self.v[seen] + self.adjust / self.sizes[seen].sqrt()  # Sagawa et al.'s generalisation adjustment
         if self.variant == "kl":
             ps = torch.softmax(v / self.lam, dim=0)
         elif self.variant == "groupdro":

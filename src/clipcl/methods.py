@@ -18,6 +18,7 @@ t, D_t the new data, M the memory.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ from torch import nn
 from .config import ConfigError, MethodCfg
 from .data.images import ConcatImageSet, ImageSet
 from .data.scenarios import Scenario
+from .evaluate import evaluating, image_features
 from .losses import ClassDRO, GlobalContrastiveLoss, clip_loss
 from .memory import ReplayMemory
 from .sampling import STREAM_SELECT, concat_positions, seeded, uniform_positions
@@ -49,6 +51,7 @@ class TaskContext:
     tokens: torch.Tensor  # token ids [n_classes, L] of every class name (training template), by label
     data_size: int = 0  # samples of the task's training data D_t U M (set by the engine)
     new_size: int = 0  # of which new (D_t): positions below it are new samples
+    steps: int = 0  # training steps of the task (set by the engine)
     autocast: bool = False
     rank: int = 0
     world_size: int = 1
@@ -94,19 +97,6 @@ def frozen_copy(model: nn.Module) -> nn.Module:
         p.grad = None
         p.requires_grad_(False)
     return teacher
-
-
-class evaluating:
-    """`with evaluating(model):` the model in eval mode (BatchNorm on its running statistics), then restored."""
-
-    def __init__(self, model: nn.Module):
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self) -> nn.Module:
-        return self.model.eval()
-
-    def __exit__(self, *exc) -> None:
-        self.model.train(self.was_training)
 
 
 def distillation(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temp: float) -> torch.Tensor:
@@ -265,8 +255,6 @@ class ER(Method):
         train = ctx.scenario[ctx.task].train
         features = None
         if ctx.memory.selection == "herding":
-            from .evaluate import image_features
-
             with evaluating(ctx.bundle.model):  # the model after the task, BatchNorm on its running statistics
                 features = image_features(ctx.bundle, train, ctx.eval_batch_size, ctx.device, ctx.autocast).cpu()
         return ctx.memory.update(ctx.task, train, seeded(ctx.seed, ctx.task, STREAM_SELECT), features)
@@ -299,6 +287,10 @@ class GCL(ER):
         return ok / ok.sum().clamp_min(1)
 
     def training_forward(self, model, images, labels, index, step):
+        if self.cfg.gamma_schedule == "cosine":  # FastCLIP: trust the batch at first, average more later
+            assert self.ctx is not None
+            g0 = self.cfg.gamma_min
+            self.gcl.gamma = g0 + (1 - g0) * 0.5 * (1 + math.cos(math.pi * step / max(self.ctx.steps, 1)))
         z, text, inv, _, scale = self.forward_batch(model, images, labels)
         return self.loss(Batch(z=z, text=text, inv=inv, labels=labels, index=index, logit_scale=scale, step=step))
 
@@ -327,18 +319,26 @@ class GCL(ER):
 
 class GDRO(GCL):
     """GCL with class-level DRO weights: L = sum_i w_i L_i with w_i = p_{y_i} / (n_B(y_i) sum_{c in B} p_c),
-    p the DRO weights of the seen classes (method.dro): forgotten (high-loss) classes get weight back."""
+    p the DRO weights of the seen classes (method.dro): forgotten (high-loss) classes get weight back.
+    Options: method.dro_adjust (class losses read as v_c + C / sqrt(n_c)), method.sample_mix a
+    (w <- (1 - a) w + a w_mean, w_mean the plain mean over samples with a negative)."""
 
     name = "gdro"
 
     def __init__(self, cfg: MethodCfg):
         super().__init__(cfg)
-        self.dro = ClassDRO(0, cfg.dro, cfg.lam, cfg.beta, cfg.eta, cfg.alpha, cfg.max_weight)
+        self.dro = ClassDRO(0, cfg.dro, cfg.lam, cfg.beta, cfg.eta, cfg.alpha, cfg.max_weight, cfg.dro_adjust)
         self.telemetry: list[dict] = []  # {"task", "step", "weights": p over the seen classes}
 
     def start_estimators(self, n_samples, n_classes):
         super().start_estimators(n_samples, n_classes)
         self.dro.reset(n_classes)
+
+    def before_task(self, ctx):
+        super().before_task(ctx)
+        new, mem = self.training_data(ctx)
+        labels = np.concatenate([new.targets, mem.targets if mem is not None else np.zeros(0, np.int64)])
+        self.dro.set_sizes(torch.as_tensor(np.bincount(labels, minlength=ctx.n_seen)[: ctx.n_seen]))
 
     def sample_weights(self, batch, out):
         self.dro.to(batch.z.device)
@@ -350,6 +350,9 @@ class GDRO(GCL):
                                    "weights": [round(float(x), 6) for x in p.cpu()]})
         w = torch.zeros(len(batch.labels), dtype=torch.float64, device=batch.z.device)
         w[ok] = self.dro.sample_weights(batch.labels[ok], p)
+        if self.cfg.sample_mix:  # a share of the plain sample mean: the new task keeps its weight
+            plain = ok.to(torch.float64) / ok.sum().clamp_min(1)
+            w = (1 - self.cfg.sample_mix) * w + self.cfg.sample_mix * plain
         return w
 
     def state_dict(self):
@@ -535,9 +538,10 @@ class ERACE(SeenClassReplay):
 
 
 class DERpp(SeenClassReplay):
-    """DER++ for CLIP: CLIP loss on the new samples, and on memory samples the logits stored when they entered
-    the memory (over the classes seen then) and their labels:
-        L = CLIP(B_t) + alpha mean_{i in B_M} ||l_i,C_<=k - stored_i||^2 / |C_<=k| + beta mean_{i in B_M} CE(l_i, y_i)
+    """DER++ for CLIP: cross-entropy of the new samples over all seen classes (class-incremental DER++), and on
+    memory samples the logits stored when they entered the memory (over the classes seen then) and their labels:
+        L = mean_{i in B_t} CE(l_i,C_<=t, y_i) + alpha mean_{i in B_M} ||l_i,C_<=k - stored_i||^2 / |C_<=k|
+            + beta mean_{i in B_M} CE(l_i,C_<=t, y_i)
     (alpha = method.distill_weight, beta = method.label_weight, k the task that stored i)."""
 
     name = "derpp"
@@ -558,12 +562,11 @@ class DERpp(SeenClassReplay):
     def training_forward(self, model, images, labels, index, step):
         ctx = self.ctx
         assert ctx is not None and self.stored is not None
-        logits, z, text, scale = self.seen_logits(model, images)
+        logits, *_ = self.seen_logits(model, images)
         is_new = index < ctx.new_size
         terms = {}
         if is_new.any():  # uniform sampling can draw a batch of memory samples only
-            classes, inv = torch.unique(labels[is_new], return_inverse=True)
-            terms["contrastive_loss"] = clip_loss(z[is_new], text[classes], inv, scale)
+            terms["new_loss"] = F.cross_entropy(logits[is_new], labels[is_new])
         if (~is_new).any():
             mem_logits = logits[~is_new]
             target = self.stored[(index[~is_new] - ctx.new_size).cpu()].to(logits.device)
@@ -577,8 +580,6 @@ class DERpp(SeenClassReplay):
 
     @torch.no_grad()
     def after_task(self, ctx):
-        from .evaluate import image_features
-
         added = self.update_memory(ctx)
         with evaluating(ctx.bundle.model) as model:
             text = F.normalize(model.encode_text(ctx.tokens[: ctx.n_seen].to(ctx.device)).float(), dim=-1)
@@ -610,7 +611,7 @@ for _cls, _doc in [
     (LwF, "fine-tune + distil the previous model's logits over old classes (no memory)"),
     (WiSEFT, "fine-tune, then interpolate with the weights before the task (method.wise_alpha; no memory)"),
     (ZSCL, "fine-tune + distil the initial model on the batch images, weight ensemble (no memory)"),
-    (DERpp, "DER++: CLIP loss on new data + stored logits and labels of the memory"),
+    (DERpp, "DER++: cross-entropy over seen classes + stored logits and labels of the memory"),
     (ERACE, "ER with asymmetric cross-entropy: new samples compete only among new classes"),
 ]:
     register(_cls, _doc)

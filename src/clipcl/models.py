@@ -66,6 +66,10 @@ def create(cfg: ModelCfg, device: torch.device | str = "cpu") -> ClipBundle:
             f"Tiny CPU models: {', '.join(TINY_MODELS)}; full list: 'clipcl list models'."
         )
     pretrained = cfg.pretrained or None
+    if pretrained and pretrained.startswith("clipcl:"):  # made here (pretrain.py), cached after the first run
+        from .pretrain import TAG_PREFIX, weights
+
+        pretrained = str(weights(pretrained[len(TAG_PREFIX):], cfg.name))
     if pretrained and not Path(pretrained).is_file():
         tags = open_clip.list_pretrained_tags_by_model(cfg.name)
         if pretrained not in tags:

@@ -195,6 +195,51 @@ def load_fmnist_dil(cfg: ScenarioCfg) -> Dataset:
     return Dataset("fmnist_dil", list(FMNIST_CLASSES), domains=domains)
 
 
+# ---------------------------------------------------------------- Fashion-MNIST for the pretrained-start benchmarks
+PRETRAIN_START = 50_000  # training images from here on pretrain the tiny CLIP; the streams never use them
+
+
+def fmnist_washed(images: torch.Tensor) -> torch.Tensor:
+    """The pretraining domain: lower contrast on a lifted black level, x -> 24 + 9x/10 (uint8)."""
+    return (24 + images.to(torch.int16) * 9 // 10).to(torch.uint8)
+
+
+def _fmnist_part(cfg: ScenarioCfg, pretraining: bool) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
+    """{'train', 'test'}: images [N, 1, 28, 28] and labels; train is the pretraining block or the rest."""
+    arrays = fashion_mnist_arrays(cfg)
+    x, y = arrays["train"]
+    part = slice(PRETRAIN_START, None) if pretraining else slice(0, PRETRAIN_START)
+    return {"train": (torch.from_numpy(x[part].copy()).unsqueeze(1), y[part]),
+            "test": (torch.from_numpy(arrays["test"][0].copy()).unsqueeze(1), arrays["test"][1])}
+
+
+@register("fmnist_pretrain", "Fashion-MNIST training images 50,000-59,999, contrast-shifted: pretrains the tiny CLIP")
+def load_fmnist_pretrain(cfg: ScenarioCfg) -> Dataset:
+    """The pretraining set of `clipcl:fmnist-washed`: a block of training images no stream uses, and the test
+    images, both in the washed domain (so the streams' original images are a domain shift away)."""
+    part = _fmnist_part(cfg, pretraining=True)
+    sets = {s: ImageSet.from_tensor(fmnist_washed(x), y) for s, (x, y) in part.items()}
+    return Dataset("fmnist_pretrain", list(FMNIST_CLASSES), train=sets["train"], test=sets["test"])
+
+
+@register("fmnist_stream", "Fashion-MNIST without the pretraining block (training images 0-49,999): CIL")
+def load_fmnist_stream(cfg: ScenarioCfg) -> Dataset:
+    """Fashion-MNIST for a model pretrained on fmnist_pretrain: none of its training images were seen."""
+    part = _fmnist_part(cfg, pretraining=False)
+    sets = {s: ImageSet.from_tensor(x, y) for s, (x, y) in part.items()}
+    return Dataset("fmnist_stream", list(FMNIST_CLASSES), train=sets["train"], test=sets["test"])
+
+
+@register("fmnist_dil_stream", "fmnist_dil's 5 domains without the pretraining block: DIL")
+def load_fmnist_dil_stream(cfg: ScenarioCfg) -> Dataset:
+    """fmnist_dil over training images 0-49,999 (a model pretrained on fmnist_pretrain saw none of them)."""
+    part = _fmnist_part(cfg, pretraining=False)
+    domains = {d: (ImageSet.from_tensor(fmnist_domain(part["train"][0], d), part["train"][1]),
+                   ImageSet.from_tensor(fmnist_domain(part["test"][0], d), part["test"][1]))
+               for d in FMNIST_DIL_DOMAINS}
+    return Dataset("fmnist_dil_stream", list(FMNIST_CLASSES), domains=domains)
+
+
 # ---------------------------------------------------------------- CIFAR-100
 def pycil_order(n_classes: int, seed: int = 1993) -> list[int]:
     """The class order of PyCIL (and PODNet, UCIR): np.random.seed(1993); np.random.permutation(n).
