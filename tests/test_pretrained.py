@@ -35,7 +35,7 @@ def test_stream_and_pretraining_data_never_overlap():
     assert len(stream.train) == PRETRAIN_START and len(pre.train) == len(x) - PRETRAIN_START
     # the stream's images are the first block as they are; the pretraining images the rest, washed
     assert torch.equal(stream.train.load(np.arange(len(stream.train)))[:, 0], torch.from_numpy(x[:PRETRAIN_START].copy()))
-    washed = fmnist_washed(torch.from_numpy(x[PRETRAIN_START:]).unsqueeze(1))
+    washed = fmnist_washed(torch.from_numpy(x[PRETRAIN_START:].copy()).unsqueeze(1))
     assert torch.equal(pre.train.load(np.arange(len(pre.train))), washed)
     assert (stream.train.targets == y[:PRETRAIN_START]).all() and (pre.train.targets == y[PRETRAIN_START:]).all()
     dil = load_dataset(load_config("fmnist-pre-dil").scenario)
