@@ -58,6 +58,7 @@ def finished_run(tmp_path_factory):
     (["scenario.initial_classes=12"], ["12 classes", "scenario.initial_classes"]),
     (["scenario.kind=dil"], ["scenario.kind", "no domains"]),
     (["model.pretrained=no-such-tag"], ["model.pretrained", "no-such-tag"]),
+    (["method.dro=groupdro", "method.dro_adjust=1"], ["method.dro_adjust", "dro=groupdro"]),
 ])
 def test_bad_config_is_one_message_and_no_output(overrides, words, tmp_path, capsys):
     out = tmp_path / "out"

@@ -103,3 +103,27 @@ def test_a_run_measures_the_tasks_not_trained_yet(tiny_recipe, tmp_path):
     assert r["metrics"]["unseen_change"] == pytest.approx(unseen_change(U))
     # before any training, on the first task, 'all classes' and 'seen classes' differ only in candidates
     assert U[0][0] <= r["accuracy_before_training"][0] + 1e-9
+
+
+def test_an_unwritable_cache_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("CLIPCL_CACHE", str(blocker / "cache"))
+    assert main(["run", "fmnist-pre-cil", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "CLIPCL_CACHE" in err and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_a_failed_pretraining_caches_nothing_and_says_so(tiny_recipe, monkeypatch, capsys):
+    import errno
+
+    from clipcl.engine import Trainer
+    from clipcl.files import OutputError
+
+    def full_disk(self, resume=False):
+        raise OutputError(errno.ENOSPC, "no space left on the device holding 'x'")
+
+    monkeypatch.setattr(Trainer, "run", full_disk)
+    with pytest.raises(ConfigError, match="nothing was cached"):
+        pretrain.weights("test-tiny", "clipcl-tiny-rn", quiet=True)
+    assert not list((tiny_recipe / "pretrained").iterdir())  # no file, no leftover training folder

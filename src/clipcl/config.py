@@ -219,6 +219,8 @@ def validate(cfg: RunCfg) -> None:
            "must be 0 (no cap) or in (0, 1]")
     _check(0 < me.gamma_min <= 1, "method.gamma_min", me.gamma_min, "must be in (0, 1]")
     _check(me.dro_adjust >= 0, "method.dro_adjust", me.dro_adjust, "must be 0 (off) or more")
+    _check(not (me.dro_adjust and me.dro in ("groupdro", "none")), "method.dro_adjust", me.dro_adjust,
+           f"adjusts the class losses of dro=kl and dro=cvar; it has no effect with dro={me.dro}. Set it to 0")
     _check(0 <= me.sample_mix <= 1, "method.sample_mix", me.sample_mix, "must be in [0, 1]")
     _check(0 <= me.wise_alpha <= 1, "method.wise_alpha", me.wise_alpha, "must be in [0, 1]")
     _check(me.distill_weight >= 0, "method.distill_weight", me.distill_weight, "must be 0 or more")

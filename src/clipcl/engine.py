@@ -108,8 +108,10 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunCfg, out_dir: Path | str, scenario: Scenario | None = None,
-                 progress_bar: bool | None = None, overwrite: bool = False, quiet: bool = False):
+                 progress_bar: bool | None = None, overwrite: bool = False, quiet: bool = False,
+                 signals: bool = True):
         self.cfg = cfg
+        self.signals = signals  # catch SIGINT/SIGTERM to checkpoint and stop (off for a nested run)
         self.out_dir = Path(out_dir)
         self.overwrite, self.quiet = overwrite, quiet
         self.device = resolve_device(cfg.device)
@@ -121,7 +123,7 @@ class Trainer:
         for warning in self.scenario.notes.get("warnings", []):
             say(f"clipcl: warning: {warning}")
         self.fingerprint = self.scenario.fingerprint()
-        self.bundle: ClipBundle = create(cfg.model, self.device)
+        self.bundle: ClipBundle = create(cfg.model, self.device, cfg.scenario, quiet)
         self.method: Method = make_method(cfg.method)
         m = cfg.memory
         self.memory = ReplayMemory(m.per_class, m.total, m.bytes, m.codec, m.quality, m.selection)
@@ -328,7 +330,7 @@ class Trainer:
         if resume:
             self.load_checkpoint()
         handlers = {}
-        if sys.platform != "win32":
+        if sys.platform != "win32" and self.signals:
             try:
                 handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
             except ValueError:  # not the main thread: leave signals alone

@@ -11,7 +11,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, ModelCfg
+from .config import ConfigError, ModelCfg, ScenarioCfg
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
@@ -57,8 +57,10 @@ class ClipBundle:
         return (x - mean) / std
 
 
-def create(cfg: ModelCfg, device: torch.device | str = "cpu") -> ClipBundle:
-    """Build the model of cfg: random init, an open_clip pretrained tag, or a local checkpoint file."""
+def create(cfg: ModelCfg, device: torch.device | str = "cpu", data: ScenarioCfg | None = None,
+           quiet: bool = False) -> ClipBundle:
+    """Build the model of cfg: random init, an open_clip pretrained tag, a local checkpoint file, or weights
+    pretrained here (`clipcl:<tag>`, made on `device` from the data where `data` says: root, download)."""
     register_tiny_models()
     if cfg.name not in open_clip.list_models() and not cfg.name.startswith(("hf-hub:", "local-dir:")):
         raise ConfigError(
@@ -69,7 +71,7 @@ def create(cfg: ModelCfg, device: torch.device | str = "cpu") -> ClipBundle:
     if pretrained and pretrained.startswith("clipcl:"):  # made here (pretrain.py), cached after the first run
         from .pretrain import TAG_PREFIX, weights
 
-        pretrained = str(weights(pretrained[len(TAG_PREFIX):], cfg.name))
+        pretrained = str(weights(pretrained[len(TAG_PREFIX):], cfg.name, torch.device(device), data, quiet))
     if pretrained and not Path(pretrained).is_file():
         tags = open_clip.list_pretrained_tags_by_model(cfg.name)
         if pretrained not in tags:

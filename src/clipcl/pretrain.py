@@ -3,10 +3,9 @@ knows every class) runs on a CPU without downloading weights.
 
 `model.pretrained: clipcl:<tag>` names a recipe below. The first run that needs it pretrains the model (a
 `joint` run over the recipe's data, the same training loop as every run) and caches the weights as a plain
-state dict; later runs load the cached file through open_clip like any local checkpoint. The cache key is a
-hash of the recipe (its resolved config and its description, which names the data transform), the model
-name, the clipcl version and the CPU thread count (float sums
-depend on it), so a cached file is always the one the recipe gives here, and a changed recipe makes a new one.
+state dict; later runs load the cached file through open_clip like any local checkpoint. The cache key
+(see `weights`) covers everything that changes the bits, so a changed recipe, device or library makes a new
+file. The pretraining reads Fashion-MNIST where the caller's scenario says (scenario.root, download).
 
 Cache folder: $CLIPCL_CACHE, else ~/.cache/clipcl; files under pretrained/.
 """
@@ -19,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import ConfigError, load_config, to_dict
+from .config import ConfigError, ScenarioCfg, load_config, to_dict
 
 TAG_PREFIX = "clipcl:"
 # tag -> (doc, overrides of the fmnist-cil config): everything else as that config ships
@@ -38,43 +37,67 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CLIPCL_CACHE") or Path.home() / ".cache" / "clipcl").expanduser()
 
 
-def recipe_config(tag: str, model_name: str):
-    """The resolved config that pretrains `tag` for architecture `model_name` (ConfigError for an unknown tag)."""
+RECIPE_VERSION = 1  # bump when the pretraining data, its transform or the recipe's code changes
+
+
+def recipe_config(tag: str, model_name: str, device: str = "cpu", data: ScenarioCfg | None = None):
+    """The resolved config that pretrains `tag` for architecture `model_name` on `device`, reading the data
+    where `data` (the caller's scenario settings) says (ConfigError for an unknown tag)."""
     if tag not in RECIPES:
         raise ConfigError(f"config key 'model.pretrained' = '{TAG_PREFIX}{tag}': unknown clipcl pretraining. "
                           f"Known: {', '.join(TAG_PREFIX + t for t in RECIPES)}.")
-    return load_config("fmnist-cil", [*RECIPES[tag][1], f"model.name={model_name}", "model.pretrained="])
+    where = [f"scenario.root={data.root}", f"scenario.download={data.download}"] if data is not None else []
+    return load_config("fmnist-cil", [*RECIPES[tag][1], f"model.name={model_name}", "model.pretrained=",
+                                      f"device={device}", *where])
 
 
-def weights(tag: str, model_name: str, quiet: bool = False) -> Path:
-    """The cached weights of recipe `tag` for `model_name`, pretraining them first if they are not cached."""
+def weights(tag: str, model_name: str, device=None, data: ScenarioCfg | None = None, quiet: bool = False) -> Path:
+    """The cached weights of recipe `tag` for `model_name`, pretraining them first (on `device`) if needed.
+
+    The cache key covers what changes the bits: the recipe (config, description, RECIPE_VERSION), the device
+    type and precision, the thread count, and the clipcl, torch and open_clip versions; the data folder does
+    not (the same files give the same weights wherever they are).
+    """
+    import open_clip
     import torch
 
     from . import __version__
-    from .files import atomic_write
+    from .errors import Interrupted, NonFiniteLoss
+    from .files import OutputError, atomic_write
 
-    cfg = recipe_config(tag, model_name)
-    # the recipe's description names its data transform: a changed transform must change the key
-    blob = json.dumps({"config": to_dict(cfg), "recipe": RECIPES[tag][0], "clipcl": __version__,
+    kind = torch.device(device or "cpu").type
+    cfg = recipe_config(tag, model_name, kind, data)
+    key = to_dict(cfg)
+    key["scenario"].pop("root"), key["scenario"].pop("download")
+    blob = json.dumps({"config": key, "recipe": RECIPES[tag][0], "version": RECIPE_VERSION, "clipcl": __version__,
+                       "torch": torch.__version__, "open_clip": open_clip.__version__,
                        "threads": torch.get_num_threads()}, sort_keys=True)
-    path = cache_dir() / "pretrained" / f"{tag}-{model_name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.pt"
+    path = cache_dir() / "pretrained" / f"{tag}-{model_name}-{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.pt"
     if path.is_file():
         return path
     from .engine import Trainer
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = tempfile.TemporaryDirectory(dir=path.parent, prefix=".pretraining-")
+    except OSError as e:
+        raise ConfigError(f"cannot write the pretrained-weights cache '{path.parent}' ({e.strerror or e}). Set "
+                          "$CLIPCL_CACHE to a writable folder.") from None
     if not quiet:
         print(f"clipcl: pretraining {TAG_PREFIX}{tag} for {model_name} (once; cached in {path})", file=sys.stderr,
               flush=True)
-    rng = torch.get_rng_state()  # the caller's model initialisation must not depend on the cache being warm
-    try:
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".pretraining-") as tmp:
-            trainer = Trainer(cfg, Path(tmp) / "run", progress_bar=False, quiet=True)
+    devices = range(torch.cuda.device_count()) if torch.cuda.is_available() else []
+    # the caller's model initialisation must not depend on the cache being warm: its RNG states are kept
+    with torch.random.fork_rng(devices=devices), tmp_dir as tmp:
+        try:
+            trainer = Trainer(cfg, Path(tmp) / "run", progress_bar=False, quiet=True, signals=False)
             results = trainer.run()
             state = trainer.bundle.model.state_dict()
             atomic_write(path, lambda f: torch.save(state, f))
-    finally:
-        torch.set_rng_state(rng)
+        except (OutputError, NonFiniteLoss, Interrupted) as e:  # its folder is gone: say what happened instead
+            raise ConfigError(f"pretraining {TAG_PREFIX}{tag} into '{path.parent}' failed "
+                              f"({str(e.strerror if isinstance(e, OSError) else e).split('. ')[0]}); nothing "
+                              "was cached. Free space or set $CLIPCL_CACHE, then run the command again.") from None
     if not quiet:
         print(f"clipcl: pretrained {TAG_PREFIX}{tag}: accuracy {100 * results['metrics']['last_accuracy']:.1f}% "
               "on its own domain's test images", file=sys.stderr, flush=True)
