@@ -53,10 +53,10 @@ def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.1f}"
 
 
-def study_args(doc: str, memories: str, methods: list[str]):
+def study_args(doc: str, memories: str, methods: list[str], benchmark: str = "fmnist-cil"):
     """The command line every study shares; returns (args, memory sizes, seeds, method labels)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    ap.add_argument("--benchmark", default="fmnist-cil")
+    ap.add_argument("--benchmark", default=benchmark)
     ap.add_argument("--memories", default=memories)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default=",".join(methods))

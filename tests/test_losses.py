@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipcl.losses import ClassDRO, GlobalContrastiveLoss, clip_loss, project_capped_simplex
+from clipcl.losses import (ClassDRO, GlobalContrastiveLoss, PromptContrastiveLoss, clip_loss,
+                           project_capped_simplex)
 
 
 def _batch(B=12, C=4, D=8, seed=0, dtype=torch.float64):
@@ -205,3 +206,90 @@ def test_dil_forgetting_counts_only_rows_after_the_task_was_trained():
 
     R = [[0.9, 0.95, 0.1], [0.8, 0.7, 0.2], [0.6, 0.5, 0.9]]
     assert forgetting(R) == pytest.approx(((0.9 - 0.6) + (0.7 - 0.5)) / 2)
+
+
+def _prompt_setup(seed=0, B=12, K=4, D=8):
+    g = torch.Generator().manual_seed(seed)
+    z = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    prompts = F.normalize(torch.randn(K, D, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    labels = torch.arange(B) % K
+    return z, prompts, labels
+
+
+def _prompt_exact(z, prompts, labels, scale, weights, n_ref):
+    """The loss of PromptContrastiveLoss computed directly, sample by sample (weighted means over negatives)."""
+    total = []
+    for i in range(len(labels)):
+        c = int(labels[i])
+        a = scale * z @ prompts.t()
+        i2t = torch.logsumexp(a[i], 0) - a[i, c]
+        neg = [j for j in range(len(labels)) if int(labels[j]) != c]
+        w = weights[neg] / weights[neg].sum()
+        m = (w * torch.exp(a[neg, c])).sum()
+        t2i = torch.log(1 + n_ref * torch.exp(-a[i, c]) * m)
+        total.append((i2t + t2i) / 2)
+    return torch.stack(total)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_prompt_gcl_whole_data_gamma_one_equals_exact_loss_and_gradient(weighted):
+    z, prompts, labels = _prompt_setup()
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    weights = torch.linspace(0.5, 3.0, len(labels), dtype=torch.float64) if weighted else torch.ones(len(labels))
+    loss = PromptContrastiveLoss(4, gamma=1.0)
+    out = loss(z, prompts, labels, scale, weights, n_ref=11.0)
+    exact = _prompt_exact(z, prompts, labels, scale, weights.to(torch.float64), 11.0)
+    assert torch.allclose(out["loss"], exact.detach(), atol=1e-10)
+    g_sur = torch.autograd.grad(out["surrogate"].mean(), (z, prompts, scale))
+    g_exact = torch.autograd.grad(exact.mean(), (z, prompts, scale))
+    for a, b in zip(g_sur, g_exact):
+        assert torch.allclose(a, b, atol=1e-10)
+    assert float(g_exact[2]).__abs__() > 1e-6  # the logit scale gets a gradient
+
+
+def test_prompt_gcl_estimator_is_a_moving_average_of_weighted_batch_means():
+    z, prompts, labels = _prompt_setup(seed=1)
+    weights = torch.tensor([5.0, 5.0, 5.0, 5.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    loss = PromptContrastiveLoss(4, gamma=0.3)
+    scale = 5.0
+    halves = (slice(0, 6), slice(6, 12))
+    expected = torch.zeros(4, dtype=torch.float64)
+    for step, part in enumerate(halves):
+        zb, lb, wb = z[part].detach(), labels[part], weights[part].to(torch.float64)
+        loss(zb, prompts.detach(), lb, scale, wb, n_ref=5.0)
+        for c in range(4):
+            neg = lb != c
+            g = (wb[neg] * torch.exp(scale * zb[neg] @ prompts.detach()[c])).sum() / wb[neg].sum()
+            expected[c] = g if step == 0 else 0.7 * expected[c] + 0.3 * g
+    assert torch.allclose(loss.log_u.exp(), expected, rtol=1e-10)
+
+
+def test_prompt_gcl_saturates_where_the_pairs_form_does_not():
+    # two well-separated samples: text -> image has almost no gradient (clip_loss-like), i2t is exact
+    prompts = torch.eye(2, dtype=torch.float64)
+    z = torch.eye(2, dtype=torch.float64).requires_grad_()
+    labels = torch.tensor([0, 1])
+    out = PromptContrastiveLoss(2, gamma=1.0)(z, prompts, labels, 50.0, torch.ones(2), n_ref=1.0)
+    (g,) = torch.autograd.grad(out["surrogate"].sum(), z)
+    assert g.norm() < 1e-18  # no gradient left at a large margin
+    assert torch.allclose(out["loss"], torch.full((2,), math.log1p(math.exp(-50)), dtype=torch.float64))
+
+
+def test_prompt_gcl_class_without_negatives_keeps_its_estimate_and_no_nan():
+    prompts = F.normalize(torch.randn(3, 4, dtype=torch.float64), dim=1)
+    z = F.normalize(torch.randn(3, 4, dtype=torch.float64), dim=1)
+    loss = PromptContrastiveLoss(3, gamma=0.5)
+    out = loss(z, prompts, torch.tensor([1, 1, 1]), 10.0, torch.ones(3), n_ref=2.0)
+    assert not loss.visited[1] and loss.visited[0] and loss.visited[2]
+    assert torch.isfinite(out["surrogate"]).all() and (out["t2i"] == 0).all() and not out["has_negative"].any()
+
+
+def test_dro_excess_reads_losses_against_their_value_when_last_trained():
+    dro = ClassDRO(2, "kl", lam=1.0, beta=1.0, excess=True)
+    dro.update(torch.tensor([0, 1]), torch.tensor([1.0, 3.0]))
+    dro.mark_trained(torch.tensor([0, 1]))
+    dro.reset(3)  # a new stage with a new class: the marks stay
+    assert torch.equal(dro.base[:2], torch.tensor([1.0, 3.0], dtype=torch.float64)) and dro.base[2].isnan()
+    dro.update(torch.tensor([0, 1, 2]), torch.tensor([2.0, 3.5, 9.0]))
+    excess = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)  # class 2 never trained before: 0
+    assert torch.allclose(dro.class_weights(), torch.softmax(excess, 0))

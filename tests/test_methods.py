@@ -251,10 +251,13 @@ CLIPCL = [str(_script)] if _script.is_file() else [sys.executable, "-m", "clipcl
 ARGS = ["run", "fmnist-cil", *TINY, "checkpoint_every=1"]
 
 
-@pytest.mark.parametrize("name", sorted(set(METHODS) - {"zeroshot"}))
+RESUME_EXTRA = {"er": ["memory.selection=herding", "memory.codec=png"],
+                "gdro-prompts": ["method.gcl_form=prompts", "method.dro_signal=excess", "method.lam_start=3"]}
+
+
+@pytest.mark.parametrize("name", [*sorted(set(METHODS) - {"zeroshot"}), "gdro-prompts"])
 def test_every_method_resumes_bit_exactly_after_sigkill(name, tmp_path):
-    extra = ["memory.selection=herding", "memory.codec=png"] if name == "er" else []
-    args = [*ARGS, f"method.name={name}", *extra]
+    args = [*ARGS, f"method.name={name.split('-')[0]}", *RESUME_EXTRA.get(name, [])]
     ref, out = tmp_path / "ref", tmp_path / "run"
     done = subprocess.run([*CLIPCL, *args, "--out", str(ref), "--quiet"], env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -335,3 +338,37 @@ def test_cosine_gamma_goes_from_one_to_gamma_min_over_the_task(tmp_path):
     steps = tr.ctx.steps
     assert seen[0] == pytest.approx(1.0)
     assert seen == pytest.approx([0.2 + 0.8 * 0.5 * (1 + np.cos(np.pi * s / steps)) for s in range(steps)])
+
+
+def test_prompt_form_learns_the_logit_scale_and_pairs_form_does_not(tmp_path):
+    scales = {}
+    for form in ("pairs", "prompts"):
+        tr = trainer(tmp_path / form, "method.name=gcl", f"method.gcl_form={form}")
+        before = float(tr.bundle.model.logit_scale.detach())
+        tr.start_task(0)
+        for step in range(3):
+            tr.train_step(tr.batch_positions(step), step)
+        scales[form] = float(tr.bundle.model.logit_scale.detach()) - before
+    assert scales["pairs"] == 0.0
+    assert abs(scales["prompts"]) > 1e-6
+
+
+def test_negative_weights_count_new_and_memory_samples_as_in_the_stage_data():
+    from types import SimpleNamespace
+
+    from clipcl.methods import GCL
+
+    m = GCL(MethodCfg(name="gcl", gcl_form="prompts"))
+    m.ctx = SimpleNamespace(new_size=100, data_size=104)  # 100 new samples, 4 in memory
+    w = m.negative_weights(torch.tensor([3, 50, 100, 101, 102, 103]))  # 2 new and 4 memory samples in the batch
+    torch.testing.assert_close(w, torch.tensor([50.0, 50.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+    # weighted, the batch's shares are the stage's: 100 : 4
+    assert float(w[:2].sum() / w.sum()) == pytest.approx(100 / 104)
+
+
+def test_excess_signal_marks_the_classes_of_each_trained_task(tmp_path):
+    tr = trainer(tmp_path, "method.name=gdro", "method.gcl_form=prompts", "method.dro_signal=excess")
+    tr.run()
+    base = tr.method.dro.base
+    # after task 1 (of 2) every seen class was last trained in its own task: all 4 have a mark
+    assert len(base) == 4 and not base.isnan().any()

@@ -105,6 +105,11 @@ class MethodCfg:
     dro_adjust: float = 0.0  # group DRO's size adjustment: class losses v_c + dro_adjust / sqrt(n_c), n_c the
     #                          class's samples in D_t U M (small memory classes look worse, get more weight)
     sample_mix: float = 0.0  # w = (1 - sample_mix) w_DRO + sample_mix w_sample: keeps weight on the new task
+    gcl_form: str = "pairs"  # pairs: per-sample estimators over sample pairs | prompts: exact image -> text over
+    #                          every seen class prompt, one text -> image estimator per class, learned logit scale
+    dro_signal: str = "loss"  # the class loss DRO weighs: loss (moving average) | excess (over its value when the
+    #                           class was last trained) | t2i (its text -> image term only; gcl_form=prompts)
+    lam_start: float = 0.0  # > lam: the KL-DRO temperature falls from lam_start to lam over each task (cosine)
     telemetry_every: int = 1  # record the DRO class weights every N steps
 
 
@@ -149,6 +154,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.sampling": ("concat", "uniform"),
     "method.dro": ("kl", "groupdro", "cvar", "none"),
     "method.gamma_schedule": ("constant", "cosine"),
+    "method.gcl_form": ("pairs", "prompts"),
+    "method.dro_signal": ("loss", "excess", "t2i"),
     "eval.templates": ("default", "ensemble"),
     "eval.split": ("test", "val"),
     "device": ("auto", "cpu", "cuda"),
@@ -222,6 +229,12 @@ def validate(cfg: RunCfg) -> None:
     _check(not (me.dro_adjust and me.dro in ("groupdro", "none")), "method.dro_adjust", me.dro_adjust,
            f"adjusts the class losses of dro=kl and dro=cvar; it has no effect with dro={me.dro}. Set it to 0")
     _check(0 <= me.sample_mix <= 1, "method.sample_mix", me.sample_mix, "must be in [0, 1]")
+    _check(me.dro_signal != "t2i" or me.gcl_form == "prompts", "method.dro_signal", me.dro_signal,
+           "t2i needs method.gcl_form=prompts (the pairs form has no per-class text -> image term)")
+    _check(me.lam_start == 0 or me.lam_start > me.lam, "method.lam_start", me.lam_start,
+           f"must be 0 (off) or above method.lam ({me.lam}): the temperature falls from lam_start to lam")
+    _check(not (me.lam_start and me.dro != "kl"), "method.lam_start", me.lam_start,
+           f"schedules the KL-DRO temperature; it has no effect with dro={me.dro}. Set it to 0")
     _check(0 <= me.wise_alpha <= 1, "method.wise_alpha", me.wise_alpha, "must be in [0, 1]")
     _check(me.distill_weight >= 0, "method.distill_weight", me.distill_weight, "must be 0 or more")
     _check(me.distill_temp > 0, "method.distill_temp", me.distill_temp, "must be positive")

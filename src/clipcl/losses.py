@@ -148,13 +148,18 @@ class ClassDRO(nn.Module):
     then optionally capped at max_weight. A batch sample i gets w_i = p_{y_i} / (n_B(y_i) sum_{c in B} p_c).
     With `adjust` = C > 0, every v_c above is read as v_c + C / sqrt(n_c), n_c the class's samples in the stage
     (group DRO's size adjustment: a memory class of 2 images looks worse than its loss says).
+    With `excess`, every v_c is read as v_c - b_c, b_c its value when the class was last trained (mark_trained;
+    kept across stages), 0 for a class never marked: a class whose loss has risen since is forgotten.
     """
 
     VARIANTS = ("kl", "groupdro", "cvar", "none")
 
     def __init__(self, n_classes: int = 0, variant: str = "kl", lam: float = 1.0, beta: float = 0.1,
-                 eta: float = 0.01, alpha: float = 0.5, max_weight: float = 0.0, adjust: float = 0.0):
+                 eta: float = 0.01, alpha: float = 0.5, max_weight: float = 0.0, adjust: float = 0.0,
+                 excess: bool = False):
         super().__init__()
+        self.excess = excess
+        self.register_buffer("base", torch.full((n_classes,), math.nan, dtype=torch.float64))
         if variant not in self.VARIANTS:
             raise ValueError(f"unknown DRO variant {variant!r}; choose from {', '.join(self.VARIANTS)}")
         self.variant, self.lam, self.beta, self.eta, self.alpha, self.max_weight, self.adjust = (
@@ -171,6 +176,17 @@ class ClassDRO(nn.Module):
         self.log_q = torch.zeros(n_classes, dtype=torch.float64, device=device)
         self.visited = torch.zeros(n_classes, dtype=torch.bool, device=device)
         self.sizes = torch.ones(n_classes, dtype=torch.float64, device=device)
+        base = torch.full((n_classes,), math.nan, dtype=torch.float64, device=device)
+        kept = min(n_classes, len(self.base))
+        base[:kept] = self.base[:kept].to(device)
+        self.base = base  # the values at the end of training outlive the stage
+
+    @torch.no_grad()
+    def mark_trained(self, classes: torch.Tensor) -> None:
+        """Remember v_c of these classes (visited in this stage) as their value when last trained."""
+        classes = classes.to(self.v.device)
+        classes = classes[self.visited[classes]]
+        self.base[classes] = self.v[classes]
 
     def set_sizes(self, sizes: torch.Tensor) -> None:
         """n_c, the samples of each class in the stage's data (group DRO's size adjustment)."""
@@ -197,6 +213,9 @@ class ClassDRO(nn.Module):
         if k == 0:
             return p
         v = self.v[seen] + self.adjust / self.sizes[seen].sqrt()  # Sagawa et al.'s generalisation adjustment
+        if self.excess:
+            base = self.base[seen]
+            v = torch.where(base.isnan(), torch.zeros_like(v), v - base)
         if self.variant == "kl":
             ps = torch.softmax(v / self.lam, dim=0)
         elif self.variant == "groupdro":
@@ -225,3 +244,74 @@ class ClassDRO(nn.Module):
         """Update with the batch's losses, then return its per-sample weights."""
         self.update(labels, losses)
         return self.sample_weights(labels)
+
+
+class PromptContrastiveLoss(nn.Module):
+    """The global contrastive loss fitted to class prompts (method.gcl_form=prompts), with the model's logit
+    scale s and its gradient. For sample i of class c, a_ik = s z_i . t_k over the K seen class prompts:
+
+        image -> text  L1_i = log sum_k exp(a_ik) - a_ic         exact: every seen prompt, each counted once
+        text -> image  L2_i = log(1 + n exp(-a_ic) m_c),  m_c = mean_{j in D_t U M, y_j != c} exp(a_jc)
+        L_i = (L1_i + L2_i) / 2
+
+    L2 is CLIP's text-to-image term with the batch's n negatives replaced by n times their mean over the whole
+    stage data (FastCLIP's log(eps + mean) with eps = 1 / n): same size as the mini-batch loss, and it
+    saturates (a well-separated sample has almost no gradient). One estimator per class prompt,
+    log u_c ~ log m_c, moving average of the batch's importance-weighted mean over its negatives of c, updated
+    every step for every seen class (the batch's samples weighted so that new and memory samples count as in
+    D_t U M, whatever the batch mix). The surrogate
+        sg(sigma_i) (mean_j sg(w_j exp(a_jc - log u_c)) a_jc - a_ic),   sigma_i = sigmoid(log n + log u_c - a_ic)
+    has the gradient of L2_i with m_c read from the estimator (exact when the batch is all of D_t U M, gamma=1).
+    """
+
+    def __init__(self, n_classes: int = 0, gamma: float = 0.9):
+        super().__init__()
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        self.gamma = gamma
+        self.register_buffer("log_u", torch.zeros(n_classes, dtype=torch.float64))
+        self.register_buffer("visited", torch.zeros(n_classes, dtype=torch.bool))
+
+    def reset(self, n_classes: int) -> None:
+        """Forget every estimate: a new stage over n_classes seen classes starts."""
+        device = self.log_u.device
+        self.log_u = torch.zeros(n_classes, dtype=torch.float64, device=device)
+        self.visited = torch.zeros(n_classes, dtype=torch.bool, device=device)
+
+    def forward(self, z: torch.Tensor, prompts: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | float,
+                weights: torch.Tensor, n_ref: float) -> dict[str, torch.Tensor]:
+        """z [B, D], prompts [K, D] of every seen class (row = label), labels [B] in 0..K-1, weights [B] > 0 the
+        importance of each sample as a negative (its share of D_t U M over its share of the batch), n_ref the
+        number of negatives the text -> image term stands for. Updates the estimators, then uses them.
+        Returns the per-sample surrogate [B] (differentiable), loss [B], i2t [B], t2i [B] (detached) and
+        has_negative [B]."""
+        K = prompts.shape[0]
+        a = scale * z @ prompts.t()  # [B, K]
+        a_pos = a.gather(1, labels.view(-1, 1)).squeeze(1)
+        i2t = torch.logsumexp(a, dim=1) - a_pos
+        neg = labels.view(-1, 1) != torch.arange(K, device=labels.device).view(1, -1)  # [B, K]: j negative of k
+        log_w = torch.log(weights.to(torch.float64)).view(-1, 1).expand(-1, K)
+        log_w = log_w.masked_fill(~neg, -math.inf)
+        ok = neg.any(0)
+        norm = torch.logsumexp(log_w, dim=0, keepdim=True).masked_fill(~ok.view(1, -1), 0.0)
+        log_w = log_w - norm  # normalised among the negatives of each k
+        with torch.no_grad():
+            log_g = torch.logsumexp(a.detach().to(torch.float64) + log_w, dim=0)  # [K] weighted log mean
+            fresh = ok & ~self.visited
+            keep = math.log1p(-self.gamma) if self.gamma < 1 else -math.inf
+            blended = torch.logaddexp(self.log_u + keep, log_g + math.log(self.gamma))
+            self.log_u = torch.where(fresh, log_g, torch.where(ok, blended, self.log_u))
+            self.visited = self.visited | ok
+        log_u = self.log_u.to(a.dtype)
+        # the gradient of log m_c, estimated: sum_j w_j exp(a_jc - log u_c) grad a_jc
+        coef = torch.exp((a.detach().to(torch.float64) + log_w - self.log_u.view(1, -1)).to(a.dtype))
+        coef = coef.masked_fill(~neg, 0.0)
+        grad_log_m = (coef * a).sum(0)  # [K], differentiable
+        log_ratio = math.log(n_ref) + log_u[labels] - a_pos.detach()
+        t2i = F.softplus(log_ratio)
+        has = ok[labels]
+        surrogate = i2t + torch.where(has, torch.sigmoid(log_ratio) * (grad_log_m[labels] - a_pos),
+                                      torch.zeros_like(a_pos))
+        t2i = torch.where(has, t2i, torch.zeros_like(t2i))
+        return {"surrogate": surrogate / 2, "loss": ((i2t + t2i) / 2).detach(), "i2t": i2t.detach(),
+                "t2i": t2i.detach(), "has_negative": has}

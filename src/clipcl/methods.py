@@ -30,7 +30,7 @@ from .config import ConfigError, MethodCfg
 from .data.images import ConcatImageSet, ImageSet
 from .data.scenarios import Scenario
 from .evaluate import evaluating, image_features
-from .losses import ClassDRO, GlobalContrastiveLoss, clip_loss
+from .losses import ClassDRO, GlobalContrastiveLoss, PromptContrastiveLoss, clip_loss
 from .memory import ReplayMemory
 from .sampling import STREAM_SELECT, concat_positions, seeded, uniform_positions
 
@@ -78,6 +78,7 @@ class Batch:
     index: torch.Tensor  # stable sample index in D_t U M [B]
     logit_scale: torch.Tensor  # exp of the model's learnable log scale
     step: int  # global step within the task
+    prompts: torch.Tensor | None = None  # normalised text embeddings of every seen class [K, D] (gcl_form=prompts)
 
 
 def clip_forward(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, autocast: bool = False):
@@ -262,13 +263,16 @@ class ER(Method):
 
 class GCL(ER):
     """Global contrastive loss over D_t U M with moving-average estimators, averaged over samples:
-    L = mean_i L_i with L_i the global loss of METHOD.md (negatives over all of D_t U M)."""
+    L = mean_i L_i with L_i the global loss of METHOD.md. method.gcl_form: `pairs` (negatives over all of
+    D_t U M, one pair of estimators per sample, temperature detached) or `prompts` (exact image -> text over
+    every seen class prompt, one text -> image estimator per class, the model's logit scale learned)."""
 
     name = "gcl"
 
     def __init__(self, cfg: MethodCfg):
         super().__init__(cfg)
         self.gcl = GlobalContrastiveLoss(0, gamma=cfg.gamma)
+        self.pgcl = PromptContrastiveLoss(0, gamma=cfg.gamma)
 
     def before_task(self, ctx):
         self.start_estimators(ctx.data_size, ctx.n_seen)
@@ -276,6 +280,7 @@ class GCL(ER):
     def start_estimators(self, n_samples: int, n_classes: int) -> None:
         """Forget the estimators: a stage over n_samples indexed samples and n_classes seen classes starts."""
         self.gcl.reset(n_samples)
+        self.pgcl.reset(n_classes)
 
     def tau(self, batch: Batch) -> float:
         """The GCL temperature: method.tau, or 1 / the model's logit scale (detached)."""
@@ -287,23 +292,49 @@ class GCL(ER):
         return ok / ok.sum().clamp_min(1)
 
     def training_forward(self, model, images, labels, index, step):
+        assert self.ctx is not None
         if self.cfg.gamma_schedule == "cosine":  # FastCLIP: trust the batch at first, average more later
-            assert self.ctx is not None
             g0 = self.cfg.gamma_min
-            self.gcl.gamma = g0 + (1 - g0) * 0.5 * (1 + math.cos(math.pi * step / max(self.ctx.steps, 1)))
-        z, text, inv, _, scale = self.forward_batch(model, images, labels)
-        return self.loss(Batch(z=z, text=text, inv=inv, labels=labels, index=index, logit_scale=scale, step=step))
+            gamma = g0 + (1 - g0) * 0.5 * (1 + math.cos(math.pi * step / max(self.ctx.steps, 1)))
+            self.gcl.gamma = self.pgcl.gamma = gamma
+        if self.cfg.gcl_form == "prompts":
+            n = self.ctx.n_seen
+            z, prompts, scale = self.forward(model, images, self.ctx.tokens[:n].to(images.device))
+            inv = labels
+            batch = Batch(z=z, text=prompts, inv=inv, labels=labels, index=index, logit_scale=scale, step=step,
+                          prompts=prompts)
+        else:
+            z, text, inv, _, scale = self.forward_batch(model, images, labels)
+            batch = Batch(z=z, text=text, inv=inv, labels=labels, index=index, logit_scale=scale, step=step)
+        return self.loss(batch)
+
+    def negative_weights(self, index: torch.Tensor) -> torch.Tensor:
+        """Each batch sample's share of D_t U M over its share of the batch (new and memory samples apart), so
+        that a batch-weighted mean estimates the mean over D_t U M whatever the batch mix."""
+        assert self.ctx is not None
+        new = index < self.ctx.new_size
+        n_new, n_mem = int(new.sum()), int((~new).sum())
+        size_new, size_mem = self.ctx.new_size, self.ctx.data_size - self.ctx.new_size
+        w = torch.where(new, size_new / max(n_new, 1), size_mem / max(n_mem, 1)).to(torch.float64)
+        return w.clamp_min(1e-12)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         """The weighted GCL surrogate of a batch of embeddings (its gradient estimates that of the loss)."""
-        self.gcl.to(batch.z.device)
-        out = self.gcl(batch.z, batch.text, batch.inv, batch.index, self.tau(batch))
+        if batch.prompts is not None:
+            self.pgcl.to(batch.z.device)
+            scale = 1.0 / self.cfg.tau if self.cfg.tau else batch.logit_scale.clamp(max=100.0)
+            out = self.pgcl(batch.z, batch.prompts, batch.labels, scale, self.negative_weights(batch.index),
+                            n_ref=float(len(batch.labels)))
+        else:
+            self.gcl.to(batch.z.device)
+            out = self.gcl(batch.z, batch.text, batch.inv, batch.index, self.tau(batch))
         w = self.sample_weights(batch, out).to(out["surrogate"].dtype)
         return {"gcl_loss": (w * out["surrogate"]).sum(),
                 "gcl_value": (w * out["loss"].to(w.dtype)).sum().detach()}
 
     def state_dict(self):
-        return {**super().state_dict(), "gcl": {k: v.cpu() for k, v in self.gcl.state_dict().items()}}
+        return {**super().state_dict(), "gcl": {k: v.cpu() for k, v in self.gcl.state_dict().items()},
+                "pgcl": {k: v.cpu() for k, v in self.pgcl.state_dict().items()}}
 
     def step_state(self):
         return self.state_dict()
@@ -315,6 +346,8 @@ class GCL(ER):
         super().load_state_dict(state)
         self.gcl.reset(len(state["gcl"]["log_u1"]))
         self.gcl.load_state_dict(state["gcl"])
+        self.pgcl.reset(len(state["pgcl"]["log_u"]))
+        self.pgcl.load_state_dict(state["pgcl"])
 
 
 class GDRO(GCL):
@@ -327,7 +360,8 @@ class GDRO(GCL):
 
     def __init__(self, cfg: MethodCfg):
         super().__init__(cfg)
-        self.dro = ClassDRO(0, cfg.dro, cfg.lam, cfg.beta, cfg.eta, cfg.alpha, cfg.max_weight, cfg.dro_adjust)
+        self.dro = ClassDRO(0, cfg.dro, cfg.lam, cfg.beta, cfg.eta, cfg.alpha, cfg.max_weight, cfg.dro_adjust,
+                            excess=cfg.dro_signal == "excess")
         self.telemetry: list[dict] = []  # {"task", "step", "weights": p over the seen classes}
 
     def start_estimators(self, n_samples, n_classes):
@@ -340,10 +374,19 @@ class GDRO(GCL):
         labels = np.concatenate([new.targets, mem.targets if mem is not None else np.zeros(0, np.int64)])
         self.dro.set_sizes(torch.as_tensor(np.bincount(labels, minlength=ctx.n_seen)[: ctx.n_seen]))
 
+    def after_task(self, ctx):
+        self.dro.mark_trained(torch.as_tensor(ctx.scenario[ctx.task].classes, dtype=torch.long))
+        super().after_task(ctx)
+
     def sample_weights(self, batch, out):
+        assert self.ctx is not None
         self.dro.to(batch.z.device)
+        if self.cfg.lam_start:  # from near-uniform (the new task keeps its weight) to the DRO weights
+            frac = 0.5 * (1 + math.cos(math.pi * batch.step / max(self.ctx.steps, 1)))
+            self.dro.lam = self.cfg.lam + (self.cfg.lam_start - self.cfg.lam) * frac
         ok = out["has_negative"]
-        self.dro.update(batch.labels[ok], out["loss"][ok])
+        signal = out["t2i"] if self.cfg.dro_signal == "t2i" else out["loss"]
+        self.dro.update(batch.labels[ok], signal[ok])
         p = self.dro.class_weights()
         if batch.step % self.cfg.telemetry_every == 0:
             self.telemetry.append({"task": self.task, "step": batch.step,
