@@ -41,10 +41,12 @@ def affine_params(kind: str, n: int, generator: torch.Generator) -> torch.Tensor
     return theta
 
 
-def augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Augment a float batch [B, C, H, W] (any normalisation): same shape, same device."""
+def augment(x: torch.Tensor, kind: str, generator: torch.Generator, total: int = 0, start: int = 0) -> torch.Tensor:
+    """Augment a float batch [B, C, H, W] (any normalisation): same shape, same device. With `total`, x is rows
+    start..start+B of a batch of `total` images (one rank's shard): the maps drawn for the whole batch, its
+    rows used, so that every number of ranks augments an image alike."""
     if kind == "none" or len(x) == 0:
         return x
-    theta = affine_params(kind, len(x), generator).to(device=x.device, dtype=x.dtype)
+    theta = affine_params(kind, total or len(x), generator)[start:start + len(x)].to(device=x.device, dtype=x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -28,7 +28,7 @@ def run_one(cfg: RunCfg, out: Path, resume: bool = False, quiet: bool = False, t
 
     trainer = trainer or Trainer(cfg, out, overwrite=overwrite, quiet=quiet)
     results = trainer.run(resume=resume)
-    if not quiet:
+    if not trainer.quiet:  # rank 0 of several speaks
         m = results["metrics"]
         print(f"{cfg.method.name}: last accuracy {100 * m['last_accuracy']:.1f}%, avg incremental "
               f"{100 * m['avg_incremental_accuracy']:.1f}%, forgetting {100 * m['forgetting']:.1f}% -> {out}")
@@ -223,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clipcl: interrupted before training started; nothing to resume.", file=sys.stderr)
         return 128 + signal.SIGINT
+    finally:
+        if "torch" in sys.modules:  # several ranks under torchrun: leave the process group cleanly
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__, checkpoint, rundir
+from . import __version__, checkpoint, distributed, rundir
 from .config import ConfigError, RunCfg, to_dict
 from .data.images import ConcatImageSet, ImageSet
 from .data.scenarios import Scenario, build_scenario, fingerprint_diff, verify_images
@@ -62,7 +62,8 @@ def versions(device: torch.device) -> dict[str, str]:
 
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
-            "clipcl": __version__, "device": f"{device.type}: {dev}", "threads": str(torch.get_num_threads())}
+            "clipcl": __version__, "device": f"{device.type}: {dev}", "threads": str(torch.get_num_threads()),
+            "world_size": str(distributed.world_size())}
 
 
 def _snapshot(state):
@@ -115,19 +116,39 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.overwrite, self.quiet = overwrite, quiet
         self.device = resolve_device(cfg.device)
+        if distributed.requested():  # torchrun: one process per device, rank 0 writes and speaks
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", distributed.local_rank())
+                torch.cuda.set_device(self.device)
+            distributed.init(self.device.type)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.main = self.rank == 0
+        quiet = self.quiet = quiet or not self.main
         torch.manual_seed(cfg.seed)  # model initialisation is the one use of the global generator
         self.scenario = scenario or build_scenario(cfg.scenario, cfg.seed)
         checked = verify_images(self.scenario)  # a corrupt file stops the run here, not in the middle of it
         if checked["files"] and not quiet:
             say(f"clipcl: checked {checked['files']} image files in {checked['seconds']:.1f} s")
-        for warning in self.scenario.notes.get("warnings", []):
+        for warning in self.scenario.notes.get("warnings", []) if self.main else []:
             say(f"clipcl: warning: {warning}")
         self.fingerprint = self.scenario.fingerprint()
+        if not self.main:  # rank 0 builds first: a pretrained cache is made once, then read by the others
+            distributed.barrier()
         self.bundle: ClipBundle = create(cfg.model, self.device, cfg.scenario, quiet)
+        if self.main:
+            distributed.barrier()
         self.method: Method = make_method(cfg.method)
         m = cfg.memory
         self.memory = ReplayMemory(m.per_class, m.total, m.bytes, m.codec, m.quality, m.selection)
-        self.model = self.bundle.model  # what the forward goes through (a DDP wrapper would go here)
+        self.model = self.bundle.model  # what the forward goes through: the model, or its DDP wrapper
+        if self.world > 1 and any(p.requires_grad for p in self.bundle.model.parameters()):
+            from torch.nn.parallel import DistributedDataParallel
+
+            if self.device.type == "cuda":  # BatchNorm over the global batch, as one process would compute it
+                self.bundle.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.bundle.model)
+            self.model = DistributedDataParallel(
+                self.bundle.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.method.leaves_parameters_unused)
         self.progress = Progress()
         self.optimizer: torch.optim.Optimizer | None = None
         self.autocast = self.device.type == "cuda" and cfg.model.precision in ("auto", "bf16")
@@ -159,8 +180,9 @@ class Trainer:
     def save_checkpoint(self) -> float:
         """Write the checkpoint atomically; returns the seconds it took."""
         start = time.perf_counter()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._write(lambda: checkpoint.save(self.out_dir / checkpoint.CHECKPOINT_NAME, self.state()))
+        if self.main:  # every rank holds the same state
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._write(lambda: checkpoint.save(self.out_dir / checkpoint.CHECKPOINT_NAME, self.state()))
         self._checkpointed = (self.progress.task, self.progress.step)
         return time.perf_counter() - start
 
@@ -215,7 +237,8 @@ class Trainer:
         cfg = self.cfg
         return TaskContext(model=self.model, bundle=self.bundle, memory=self.memory, scenario=self.scenario,
                            device=self.device, task=t, seed=cfg.seed, batch_size=cfg.optim.batch_size,
-                           eval_batch_size=cfg.eval.batch_size, tokens=self.tokens, autocast=self.autocast)
+                           eval_batch_size=cfg.eval.batch_size, tokens=self.tokens, autocast=self.autocast,
+                           rank=self.rank, world_size=self.world)
 
     def task_data(self, t: int) -> tuple[ImageSet, ImageSet | None]:
         """(new data, memory data) task t trains on, as its method chooses (memory None when it has none)."""
@@ -263,12 +286,18 @@ class Trainer:
     def train_step(self, positions: np.ndarray, step: int) -> dict[str, float] | None:
         """One optimiser step on the current task's samples at `positions`; returns the logged values, or None
         for a skipped non-finite batch."""
-        model, opt, cfg, data = self.model, self.optimizer, self.cfg, self.data
-        assert opt is not None and data is not None, "start_task() first"
-        labels = torch.as_tensor(data.targets[positions], device=self.device)
-        images = self.bundle.prepare_images(data.load(positions).to(self.device, non_blocking=True))
-        images = augment(images, cfg.scenario.augment, seeded(cfg.seed, self.progress.task, step, STREAM_AUGMENT))
+        model, opt, cfg, data, ctx = self.model, self.optimizer, self.cfg, self.data, self.ctx
+        assert opt is not None and data is not None and ctx is not None, "start_task() first"
+        labels = torch.as_tensor(data.targets[positions], device=self.device)  # of the global batch
         index = torch.as_tensor(positions, device=self.device)
+        mine, start = positions, 0
+        if self.world > 1:  # this rank loads, augments and encodes its shard; the method gathers the embeddings
+            ctx.shard_sizes = distributed.shard_sizes(len(positions), self.world)
+            start = sum(ctx.shard_sizes[: self.rank])
+            mine = positions[start:start + ctx.shard_sizes[self.rank]]
+        images = self.bundle.prepare_images(data.load(mine).to(self.device, non_blocking=True))
+        images = augment(images, cfg.scenario.augment, seeded(cfg.seed, self.progress.task, step, STREAM_AUGMENT),
+                         total=len(positions), start=start)
         # The forward updates the method's estimators and the model's BatchNorm statistics; a skipped batch
         # must leave them as they were, or one nan batch would poison them for the rest of the task.
         before = ((_snapshot(self.method.step_state()), _snapshot(dict(self.bundle.model.named_buffers())))
@@ -284,7 +313,7 @@ class Trainer:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, self._steps, cfg.optim.lr, cfg.optim.warmup_steps)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * self.world).backward()  # DDP averages over the ranks: times W, the sum of their parts
         # A finite loss can still have inf/nan gradients; stepping on them would put nan into the weights
         # (and into the next checkpoint). max_norm=inf measures without clipping.
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
@@ -323,7 +352,8 @@ class Trainer:
 
     def run(self, resume: bool = False) -> dict:
         """Train and evaluate every task; returns the results dict (also written to out_dir)."""
-        kept = rundir.claim(self.out_dir, self.overwrite, resume)
+        kept = rundir.claim(self.out_dir, self.overwrite, resume) if self.main else []
+        distributed.barrier()  # the folder is claimed (and checked) before any rank reads a checkpoint from it
         if kept:
             say(f"clipcl: note: --overwrite kept {len(kept)} file(s) in '{self.out_dir}' that clipcl did not write: "
                 + ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else ""))
@@ -342,10 +372,15 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
         results = self.results(complete=True)
-        self._write(lambda: write_outputs(results, self.out_dir))
+        if self.main:
+            self._write(lambda: write_outputs(results, self.out_dir))
+        distributed.barrier()
         return results
 
     def _check_signal(self) -> None:
+        if self.world > 1:  # every rank stops at the same step, whichever got the signal
+            if distributed.any_rank(self._signal is not None, self.device) and self._signal is None:
+                self._signal = signal.SIGTERM
         if self._signal is not None:
             self.save_checkpoint()
             raise Interrupted(self._signal, self.out_dir)
@@ -365,7 +400,7 @@ class Trainer:
         assert self.ctx is not None
         self.bundle.model.train()
         bar = tqdm(total=self._steps, initial=p.step, desc=f"{cfg.method.name} task {t + 1}/{len(self.scenario)}",
-                   disable=self.progress_bar is False or (self.progress_bar is None and not sys.stderr.isatty()),
+                   disable=not self.main or self.progress_bar is False or (self.progress_bar is None and not sys.stderr.isatty()),
                    leave=False, dynamic_ncols=True)
         start = time.perf_counter()
         seconds_before = p.train_seconds
@@ -384,6 +419,10 @@ class Trainer:
                 self.save_checkpoint()
             self._check_signal()
         bar.close()
+        if self.world > 1:  # BatchNorm statistics of rank 0 everywhere: the ranks evaluate and select alike
+            with torch.no_grad():
+                for b in self.bundle.model.buffers():
+                    torch.distributed.broadcast(b, 0)
         self.method.after_task(self.ctx)  # memory update, stored logits, weight interpolation
         eval_start = time.perf_counter()
         p.rows.append(accuracy_row(self.bundle, self.scenario, t, cfg.eval.templates, cfg.eval.batch_size,
@@ -398,7 +437,7 @@ class Trainer:
         self.optimizer = None
         ckpt_seconds = self.save_checkpoint()
         p.timing[-1]["checkpoint_seconds"] = round(ckpt_seconds, 3)
-        if p.task < len(self.scenario):  # the rows so far, readable while the run goes on
+        if p.task < len(self.scenario) and self.main:  # the rows so far, readable while the run goes on
             self._write(lambda: write_results_json(self.results(complete=False), self.out_dir))
         self._task_line(t)
         self._check_signal()

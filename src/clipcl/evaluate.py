@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .data.images import ImageSet
 from .data.scenarios import Scenario, Task
 from .prompts import TEMPLATE_SETS, class_tokens, text_features
@@ -54,9 +55,15 @@ def candidate_text(bundle, classnames: Sequence[str], templates: str, device: to
 def task_accuracy(bundle, data: ImageSet, text: torch.Tensor, batch_size: int, device: torch.device,
                   autocast: bool = False) -> float | None:
     """Fraction of data whose nearest candidate text is its label (None for no data)."""
+    if not len(data):
+        return None
+    if distributed.active():  # each rank its contiguous share of the images; the counts summed
+        mine = distributed.shard(np.arange(len(data)), distributed.rank(), distributed.world_size())
+        data = data.subset(mine)
     z = image_features(bundle, data, batch_size, device, autocast)
     pred = (z @ text.t()).argmax(1).cpu().numpy()
-    return float((pred == data.targets).mean()) if len(pred) else None
+    correct, total = distributed.all_sum([float((pred == data.targets).sum()), float(len(pred))], device).tolist()
+    return correct / total
 
 
 def split_of(task: Task, split: str) -> ImageSet:

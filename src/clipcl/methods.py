@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .config import ConfigError, MethodCfg
 from .data.images import ConcatImageSet, ImageSet
 from .data.scenarios import Scenario
@@ -55,6 +56,7 @@ class TaskContext:
     autocast: bool = False
     rank: int = 0
     world_size: int = 1
+    shard_sizes: list[int] | None = None  # several ranks: the rows of the step's global batch each rank holds
 
     @property
     def n_seen(self) -> int:
@@ -125,6 +127,12 @@ class Method:
     name = "finetune"
     trains = True
 
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        """Whether some trainable parameter gets no gradient from this method's loss (several ranks: DDP must
+        then look for them every step)."""
+        return False
+
     def __init__(self, cfg: MethodCfg):
         self.cfg = cfg
         self.task = 0
@@ -163,9 +171,17 @@ class Method:
         return self.ctx.tokens[classes.cpu()].to(labels.device), inv
 
     def forward(self, model: nn.Module, images: torch.Tensor, tokens: torch.Tensor):
-        """(z, t, scale) of model(images, tokens) under the run's autocast; float32 outputs."""
+        """(z, t, scale) of model(images, tokens) under the run's autocast; float32 outputs.
+
+        With several ranks, `images` is this rank's shard and z comes back for the whole global batch (the own
+        rows differentiable), t and scale with their gradients divided by the world size: every rank computes
+        the loss of the global batch, and the gradients summed over the ranks are those of one process.
+        """
         assert self.ctx is not None, "attach() a TaskContext first"
-        return clip_forward(model, images, tokens, self.ctx.autocast)
+        z, t, scale = clip_forward(model, images, tokens, self.ctx.autocast)
+        if self.ctx.shard_sizes is not None:
+            z, t, scale = distributed.gather(z, self.ctx.shard_sizes), distributed.shared(t), distributed.shared(scale)
+        return z, t, scale
 
     def forward_batch(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                       extra: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -273,6 +289,10 @@ class GCL(ER):
         super().__init__(cfg)
         self.gcl = GlobalContrastiveLoss(0, gamma=cfg.gamma)
         self.pgcl = PromptContrastiveLoss(0, gamma=cfg.gamma)
+
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        return self.cfg.gcl_form == "pairs" or bool(self.cfg.tau)  # a fixed or detached temperature: logit scale
 
     def before_task(self, ctx):
         self.start_estimators(ctx.data_size, ctx.n_seen)
