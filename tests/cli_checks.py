@@ -10,6 +10,21 @@ import torch
 from clipcl import checkpoint
 from clipcl.cli import main
 
+# `python -c DIE_AFTER_SAVE clipcl-args...`: clipcl, killed (SIGKILL) right after its $DIE_AFTER_SAVE-th checkpoint
+DIE_AFTER_SAVE = """
+import os, signal, sys
+from clipcl import checkpoint
+real_save, calls = checkpoint.save, [0]
+def save_then_die(path, state):
+    real_save(path, state)
+    calls[0] += 1
+    if calls[0] == int(os.environ["DIE_AFTER_SAVE"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save = save_then_die
+from clipcl.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
 
 def fail(argv, capsys, code=2) -> str:
     """Run the CLI expecting failure with `code`; returns the one 'clipcl: error:' line (no traceback)."""

@@ -15,26 +15,13 @@ import torch
 
 from clipcl import checkpoint, distributed
 from clipcl.augment import augment
+from cli_checks import DIE_AFTER_SAVE
 
 # 2 tasks of 4 steps, a LayerNorm model (BatchNorm statistics are per rank on the CPU: SyncBatchNorm needs CUDA)
 ARGS = ["run", "fmnist-cil", "model.name=clipcl-tiny-vit", "model.lock_text=false", "scenario.train_per_class=32",
         "scenario.test_per_class=10", "scenario.n_tasks=2", "optim.epochs=1", "optim.batch_size=16",
         "optim.warmup_steps=1", "memory.per_class=2", "eval.batch_size=64", "checkpoint_every=1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-DIE_AFTER_SAVE = """
-import os, signal, sys
-import torch.distributed as dist
-from clipcl import checkpoint
-real_save, calls = checkpoint.save, [0]
-def save_then_die(path, state):
-    real_save(path, state)
-    calls[0] += 1
-    if calls[0] == int(os.environ["DIE_AFTER_SAVE"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.save = save_then_die
-from clipcl.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def _port() -> int:
@@ -93,7 +80,7 @@ def test_two_ranks_follow_one_process_with_the_same_global_batch(name, single_ru
 
 def test_two_ranks_killed_mid_task_resume_as_one_process(single_runs, tmp_path):
     out = tmp_path / "run"
-    script = tmp_path / "die.py"
+    script = tmp_path / "die.py"  # torchrun runs a script, not -c
     script.write_text(DIE_AFTER_SAVE)
     killed = _torchrun([*ARGS, "method.name=gdro", "--out", str(out), "--quiet"], script=str(script),
                        env={**ENV, "DIE_AFTER_SAVE": "6"})

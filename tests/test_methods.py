@@ -20,7 +20,7 @@ from clipcl.config import MethodCfg, load_config
 from clipcl.engine import Trainer
 from clipcl.methods import (ERACE, METHODS, LwF, WiSEFT, ZSCL, DERpp, distillation, interpolate, make_method)
 from clipcl.sampling import STREAM_AUGMENT, seeded
-from cli_checks import assert_same_run
+from cli_checks import DIE_AFTER_SAVE, assert_same_run
 
 TINY = ["scenario.train_per_class=30", "scenario.test_per_class=10", "scenario.n_tasks=2", "optim.epochs=1",
         "optim.batch_size=16", "optim.warmup_steps=1", "memory.per_class=2", "eval.batch_size=64"]
@@ -231,19 +231,6 @@ def test_an_augmented_batch_is_the_same_after_a_resume(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------- every method through the CLI
-DIE_AFTER_SAVE = """
-import os, signal, sys
-from clipcl import checkpoint
-real_save, calls = checkpoint.save, [0]
-def save_then_die(path, state):
-    real_save(path, state)
-    calls[0] += 1
-    if calls[0] == int(os.environ["DIE_AFTER_SAVE"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.save = save_then_die
-from clipcl.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 _script = Path(sys.executable).parent / "clipcl"
 CLIPCL = [str(_script)] if _script.is_file() else [sys.executable, "-m", "clipcl.cli"]
