@@ -134,6 +134,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.steps < 1:
+        raise ConfigError(f"--steps {args.steps}: measure at least 1 training step")
+    cfg = load_config(args.config, args.overrides)
+    if args.json:  # refuse an unwritable or foreign target before the slow part
+        target = Path(args.json)
+        if target.exists() and not target.is_file():
+            raise ConfigError(f"--json '{target}' is not a file; give a file name for the figures")
+        if not target.parent.is_dir():
+            raise ConfigError(f"--json '{target}': no such folder '{target.parent}'; create it first")
+    from .bench import bench, format_bench
+
+    figures = bench(cfg, steps=args.steps)
+    print(format_bench(figures))
+    if args.json:
+        write_text(Path(args.json), json.dumps(figures, indent=1) + "\n")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from .benchmarks import list_benchmarks
     from .data.datasets import DATASET_DOCS
@@ -186,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("dir", help="the run's folder (holding checkpoint.pt)")
     rs.add_argument("--quiet", action="store_true", help="no progress lines, only warnings and errors")
     rs.set_defaults(fn=cmd_resume)
+    b = sub.add_parser("bench", help="train and evaluation images/s, FLOPs, MFU and memory of a config")
+    b.add_argument("config", help="a YAML file or a shipped benchmark name (clipcl list benchmarks)")
+    b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.name=ViT-B-16 method.name=gdro")
+    b.add_argument("--steps", type=int, default=20, help="training steps measured (after 3 of warm-up)")
+    b.add_argument("--json", default="", help="also write the figures to this JSON file")
+    b.set_defaults(fn=cmd_bench)
     d = sub.add_parser("demo", help="every method on fmnist-cil with 10 images per class in memory")
     d.add_argument("overrides", nargs="*", help="dotted overrides applied to every method's run")
     d.add_argument("--out", default="demo_out")

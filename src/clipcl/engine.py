@@ -324,7 +324,9 @@ class Trainer:
         with torch.no_grad():  # CLIP's clamp: a logit scale above 100 destabilises training
             self.bundle.model.logit_scale.clamp_(0, math.log(100))
         logged = {k: float(v.detach()) for k, v in terms.items()}
-        return {**logged, "loss": float(loss.detach())}
+        # the loss shown: the method's own values where its training terms are surrogates (gcl, gdro)
+        values = [v for k, v in logged.items() if k.endswith("_value")]
+        return {**logged, "loss": sum(values) if values else float(loss.detach())}
 
     def _nonfinite(self, step: int, terms: dict[str, torch.Tensor], before: tuple[dict, dict] | None) -> None:
         """Skip (and count) a non-finite batch when skip_nonfinite, else raise NonFiniteLoss."""
