@@ -80,3 +80,16 @@ def assert_same_state(a, b, where: str) -> None:
             f"{where} differs"
     else:
         assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    """Two model state dicts trained alike up to float rounding (another summation order: ranks, memory layout).
+
+    AdamW divides by the root of the squared gradients, so a near-zero gradient whose rounding differs can move
+    its weight by up to a step (lr): a handful of weights may differ by that much. A wrong computation (half a
+    batch's gradient, another input) moves most weights by steps, and fails both bounds.
+    """
+    diff = torch.cat([(v.float() - b[k].float()).abs().flatten() for k, v in a.items() if v.is_floating_point()])
+    assert float(diff.mean()) < 1e-5, f"mean weight difference {float(diff.mean()):.3g}"
+    share = float((diff > 1e-4).float().mean())
+    assert share < 1e-3, f"{100 * share:.3f}% of the weights differ by more than 1e-4"

@@ -28,6 +28,10 @@ class ModelCfg:
     pretrained: str = ""  # an open_clip pretrained tag ("openai") or a local checkpoint file; "" = random init
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     lock_text: bool = False  # freeze the text tower (LiT-style): class texts stay fixed prototypes
+    lock_image: bool = False  # freeze the image tower (only the text tower and the logit scale train)
+    channels_last: bool = False  # the image tower and its input in channels-last memory format (convolutions)
+    grad_checkpointing: bool = False  # recompute activations in the backward: less memory, more time
+    compile: bool = False  # torch.compile the training forward (the first steps are slow while it compiles)
 
 
 @dataclass(frozen=True)

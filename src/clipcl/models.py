@@ -43,6 +43,7 @@ class ClipBundle:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    channels_last: bool = False  # prepared images in channels-last memory format (model.channels_last)
 
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, C, H, W] (C = 1 or 3, any size) -> normalised float input at the model's size."""
@@ -54,7 +55,8 @@ class ClipBundle:
             x = x.clamp_(0.0, 1.0)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        x = (x - mean) / std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 def create(cfg: ModelCfg, device: torch.device | str = "cpu", data: ScenarioCfg | None = None,
@@ -99,6 +101,12 @@ def create(cfg: ModelCfg, device: torch.device | str = "cpu", data: ScenarioCfg 
         logging.getLogger().removeFilter(quiet)
     if cfg.lock_text:
         model.lock_text_tower()
+    if cfg.lock_image:
+        model.lock_image_tower()
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if cfg.channels_last:
+        model.visual.to(memory_format=torch.channels_last)
     tokenizer = open_clip.get_tokenizer(cfg.name)
     pcfg = getattr(model.visual, "preprocess_cfg", {}) or {}
     size = pcfg.get("size", model.visual.image_size)
@@ -106,4 +114,5 @@ def create(cfg: ModelCfg, device: torch.device | str = "cpu", data: ScenarioCfg 
         size = size[0]
     mean = tuple(pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(pcfg.get("std", open_clip.OPENAI_DATASET_STD))
-    return ClipBundle(model=model, tokenizer=tokenizer, image_size=int(size), mean=mean, std=std)
+    return ClipBundle(model=model, tokenizer=tokenizer, image_size=int(size), mean=mean, std=std,
+                      channels_last=cfg.channels_last)

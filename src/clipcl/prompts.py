@@ -25,12 +25,18 @@ def class_tokens(tokenizer, classnames: list[str], templates: tuple[str, ...]) -
     return torch.stack([tokenizer([t.format(c) for c in classnames]) for t in templates])
 
 
-def text_features(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Normalised class embeddings [n_classes, D] from tokens [n_templates, n_classes, L].
+TEXT_CHUNK = 256  # prompts per text-tower call: a 1000-class x 80-template ensemble is 80,000 prompts
+
+
+def text_features(model, tokens: torch.Tensor, chunk: int = TEXT_CHUNK) -> torch.Tensor:
+    """Normalised class embeddings [n_classes, D] from tokens [n_templates, n_classes, L], the text tower
+    called on `chunk` prompts at a time.
 
     With several templates the normalised embeddings are averaged then normalised again (CLIP's ensemble).
     """
     n_t, n_c, length = tokens.shape
-    z = F.normalize(model.encode_text(tokens.reshape(n_t * n_c, length)).float(), dim=-1)
+    flat = tokens.reshape(n_t * n_c, length)
+    z = torch.cat([F.normalize(model.encode_text(flat[i:i + chunk]).float(), dim=-1)
+                   for i in range(0, len(flat), chunk)])
     z = z.view(n_t, n_c, -1).mean(0)
     return F.normalize(z, dim=-1)
