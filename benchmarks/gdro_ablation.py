@@ -33,6 +33,11 @@ ROUND2 = {
     "gdro prompts + signal t2i": ["method.name=gdro", "method.gcl_form=prompts", "method.dro_signal=t2i"],
     "gdro prompts + signal excess": ["method.name=gdro", "method.gcl_form=prompts", "method.dro_signal=excess"],
     "gdro prompts + lam_start=3": ["method.name=gdro", "method.gcl_form=prompts", "method.lam_start=3"],
+    # the prompts form's class losses are in nats, the pairs form's in units of tau = 1 / logit scale (about
+    # 1/14 here): lam = 0.3 there is about lam = 4 here
+    "gdro prompts, lam=4": ["method.name=gdro", "method.gcl_form=prompts", "method.lam=4"],
+    "gdro prompts + signal t2i, lam=4": ["method.name=gdro", "method.gcl_form=prompts", "method.dro_signal=t2i",
+                                         "method.lam=4"],
 }
 VARIANTS = {
     "er": ["method.name=er"],
@@ -62,7 +67,8 @@ def main() -> None:
 
     def one(job):
         label, mem, seed = job
-        slug = label.replace(" ", "").replace("(", "_").replace(")", "").replace("+", "_").replace("=", "-")
+        slug = (label.replace(" ", "").replace("(", "_").replace(")", "").replace("+", "_").replace("=", "-")
+                .replace(",", "_"))
         out = Path(args.out) / f"{prefix}-{args.benchmark}" / f"{slug}_m{mem}_s{seed}"
         return run_cli(args.benchmark, [*fixed, *variants[label], f"memory.per_class={mem}", f"seed={seed}",
                                         *args.overrides], out, threads=1)

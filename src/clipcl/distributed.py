@@ -25,7 +25,8 @@ def requested() -> bool:
 def init(device_type: str) -> None:
     """Join the launcher's process group (env:// rendezvous), once; a no-op for a single process."""
     if requested() and not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+        # CLIPCL_DIST_BACKEND=gloo lets several ranks share one GPU (NCCL refuses that): a smoke test, not speed
+        backend = os.environ.get("CLIPCL_DIST_BACKEND") or ("nccl" if device_type == "cuda" else "gloo")
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
 
 

@@ -118,7 +118,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if distributed.requested():  # torchrun: one process per device, rank 0 writes and speaks
             if self.device.type == "cuda":
-                self.device = torch.device("cuda", distributed.local_rank())
+                self.device = torch.device("cuda", distributed.local_rank() % torch.cuda.device_count())
                 torch.cuda.set_device(self.device)
             distributed.init(self.device.type)
         self.rank, self.world = distributed.rank(), distributed.world_size()

@@ -185,6 +185,7 @@ class ClassDRO(nn.Module):
     def mark_trained(self, classes: torch.Tensor) -> None:
         """Remember v_c of these classes (visited in this stage) as their value when last trained."""
         classes = classes.to(self.v.device)
+        classes = classes[classes < len(self.visited)]  # a stage that never started holds no class
         classes = classes[self.visited[classes]]
         self.base[classes] = self.v[classes]
 
