@@ -35,8 +35,8 @@ ROUND2 = {
     "gdro prompts + lam_start=3": ["method.name=gdro", "method.gcl_form=prompts", "method.lam_start=3"],
     # the prompts form's class losses are in nats, the pairs form's in units of tau = 1 / logit scale (about
     # 1/14 here): lam = 0.3 there is about lam = 4 here
-    "gdro prompts, lam=4": ["method.name=gdro", "method.gcl_form=prompts", "method.lam=4"],
-    "gdro prompts + signal t2i, lam=4": ["method.name=gdro", "method.gcl_form=prompts", "method.dro_signal=t2i",
+    "gdro prompts lam=4": ["method.name=gdro", "method.gcl_form=prompts", "method.lam=4"],
+    "gdro prompts + signal t2i lam=4": ["method.name=gdro", "method.gcl_form=prompts", "method.dro_signal=t2i",
                                          "method.lam=4"],
 }
 VARIANTS = {

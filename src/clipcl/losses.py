@@ -159,7 +159,8 @@ class ClassDRO(nn.Module):
                  excess: bool = False):
         super().__init__()
         self.excess = excess
-        self.register_buffer("base", torch.full((n_classes,), math.nan, dtype=torch.float64))
+        self.register_buffer("base", torch.zeros(n_classes, dtype=torch.float64))
+        self.register_buffer("marked", torch.zeros(n_classes, dtype=torch.bool))  # base holds a value
         if variant not in self.VARIANTS:
             raise ValueError(f"unknown DRO variant {variant!r}; choose from {', '.join(self.VARIANTS)}")
         self.variant, self.lam, self.beta, self.eta, self.alpha, self.max_weight, self.adjust = (
@@ -176,10 +177,11 @@ class ClassDRO(nn.Module):
         self.log_q = torch.zeros(n_classes, dtype=torch.float64, device=device)
         self.visited = torch.zeros(n_classes, dtype=torch.bool, device=device)
         self.sizes = torch.ones(n_classes, dtype=torch.float64, device=device)
-        base = torch.full((n_classes,), math.nan, dtype=torch.float64, device=device)
+        base = torch.zeros(n_classes, dtype=torch.float64, device=device)
+        marked = torch.zeros(n_classes, dtype=torch.bool, device=device)
         kept = min(n_classes, len(self.base))
-        base[:kept] = self.base[:kept].to(device)
-        self.base = base  # the values at the end of training outlive the stage
+        base[:kept], marked[:kept] = self.base[:kept].to(device), self.marked[:kept].to(device)
+        self.base, self.marked = base, marked  # the values at the end of training outlive the stage
 
     @torch.no_grad()
     def mark_trained(self, classes: torch.Tensor) -> None:
@@ -188,6 +190,7 @@ class ClassDRO(nn.Module):
         classes = classes[classes < len(self.visited)]  # a stage that never started holds no class
         classes = classes[self.visited[classes]]
         self.base[classes] = self.v[classes]
+        self.marked[classes] = True
 
     def set_sizes(self, sizes: torch.Tensor) -> None:
         """n_c, the samples of each class in the stage's data (group DRO's size adjustment)."""
@@ -215,8 +218,7 @@ class ClassDRO(nn.Module):
             return p
         v = self.v[seen] + self.adjust / self.sizes[seen].sqrt()  # Sagawa et al.'s generalisation adjustment
         if self.excess:
-            base = self.base[seen]
-            v = torch.where(base.isnan(), torch.zeros_like(v), v - base)
+            v = torch.where(self.marked[seen], v - self.base[seen], torch.zeros_like(v))
         if self.variant == "kl":
             ps = torch.softmax(v / self.lam, dim=0)
         elif self.variant == "groupdro":

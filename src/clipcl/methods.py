@@ -399,9 +399,9 @@ class GDRO(GCL):
         super().after_task(ctx)
 
     def sample_weights(self, batch, out):
-        assert self.ctx is not None
         self.dro.to(batch.z.device)
         if self.cfg.lam_start:  # from near-uniform (the new task keeps its weight) to the DRO weights
+            assert self.ctx is not None
             frac = 0.5 * (1 + math.cos(math.pi * batch.step / max(self.ctx.steps, 1)))
             self.dro.lam = self.cfg.lam + (self.cfg.lam_start - self.cfg.lam) * frac
         ok = out["has_negative"]
