@@ -16,7 +16,7 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from memory_study import HERE, mean_std, run_cli, study_args
+from memory_study import HERE, PAIRS, mean_std, run_cli, study_args
 
 NO_MEMORY = ("finetune", "joint", "lwf", "wiseft", "zscl")
 VARIANTS = {  # label -> overrides
@@ -29,10 +29,10 @@ VARIANTS = {  # label -> overrides
     "er (herding)": ["method.name=er", "memory.selection=herding"],
     "er_ace": ["method.name=er_ace"],
     "derpp": ["method.name=derpp"],
-    "gcl": ["method.name=gcl"],
-    "gdro": ["method.name=gdro"],
+    "gcl": ["method.name=gcl", *PAIRS],
+    "gdro": ["method.name=gdro", *PAIRS],
     "er (no augmentation)": ["method.name=er", "scenario.augment=none"],
-    "gdro (no augmentation)": ["method.name=gdro", "scenario.augment=none"],
+    "gdro (no augmentation)": ["method.name=gdro", *PAIRS, "scenario.augment=none"],
 }
 METRICS = (("avg inc. acc.", "avg_incremental_accuracy"), ("last acc.", "last_accuracy"),
            ("forgetting", "forgetting"), ("mean diag", "mean_diagonal"))

@@ -21,31 +21,33 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from competitors import METRICS, paired, value
-from memory_study import HERE, mean_std, run_cli, study_args
+from memory_study import HERE, PAIRS, mean_std, run_cli, study_args
 
+PROMPTS_R2 = ["method.gcl_form=prompts", "method.lam=0.3", "method.dro_signal=loss"]
 ROUND2 = {
     "er": ["method.name=er"],
-    "balanced (dro=none)": ["method.name=gdro", "method.dro=none"],
-    "gdro": ["method.name=gdro"],
-    "gcl prompts": ["method.name=gcl", "method.gcl_form=prompts"],
-    "balanced prompts": ["method.name=gdro", "method.gcl_form=prompts", "method.dro=none"],
-    "gdro prompts": ["method.name=gdro", "method.gcl_form=prompts"],
-    "gdro prompts + signal t2i": ["method.name=gdro", "method.gcl_form=prompts", "method.dro_signal=t2i"],
-    "gdro prompts + signal excess": ["method.name=gdro", "method.gcl_form=prompts", "method.dro_signal=excess"],
-    "gdro prompts + lam_start=3": ["method.name=gdro", "method.gcl_form=prompts", "method.lam_start=3"],
+    "balanced (dro=none)": ["method.name=gdro", *PAIRS, "method.dro=none"],
+    "gdro": ["method.name=gdro", *PAIRS],
+    # the prompts form at lam 0.3 and the whole loss as DRO's signal (the defaults when this round was made)
+    "gcl prompts": ["method.name=gcl", *PROMPTS_R2],
+    "balanced prompts": ["method.name=gdro", *PROMPTS_R2, "method.dro=none"],
+    "gdro prompts": ["method.name=gdro", *PROMPTS_R2],
+    "gdro prompts + signal t2i": ["method.name=gdro", *PROMPTS_R2, "method.dro_signal=t2i"],
+    "gdro prompts + signal excess": ["method.name=gdro", *PROMPTS_R2, "method.dro_signal=excess"],
+    "gdro prompts + lam_start=3": ["method.name=gdro", *PROMPTS_R2, "method.lam_start=3"],
     # the prompts form's class losses are in nats, the pairs form's in units of tau = 1 / logit scale (about
     # 1/14 here): lam = 0.3 there is about lam = 4 here
-    "gdro prompts lam=4": ["method.name=gdro", "method.gcl_form=prompts", "method.lam=4"],
+    "gdro prompts lam=4": ["method.name=gdro", "method.gcl_form=prompts", "method.dro_signal=loss", "method.lam=4"],
     "gdro prompts + signal t2i lam=4": ["method.name=gdro", "method.gcl_form=prompts", "method.dro_signal=t2i",
                                          "method.lam=4"],
 }
 VARIANTS = {
     "er": ["method.name=er"],
-    "balanced (dro=none)": ["method.name=gdro", "method.dro=none"],
-    "gdro": ["method.name=gdro"],
-    "gdro + dro_adjust=1": ["method.name=gdro", "method.dro_adjust=1.0"],
-    "gdro + sample_mix=0.5": ["method.name=gdro", "method.sample_mix=0.5"],
-    "gdro + cosine gamma": ["method.name=gdro", "method.gamma_schedule=cosine"],
+    "balanced (dro=none)": ["method.name=gdro", *PAIRS, "method.dro=none"],
+    "gdro": ["method.name=gdro", *PAIRS],
+    "gdro + dro_adjust=1": ["method.name=gdro", *PAIRS, "method.dro_adjust=1.0"],
+    "gdro + sample_mix=0.5": ["method.name=gdro", *PAIRS, "method.sample_mix=0.5"],
+    "gdro + cosine gamma": ["method.name=gdro", *PAIRS, "method.gamma_schedule=cosine"],
 }
 FIXED = ["scenario.train_per_class=500", "scenario.val_per_class=50", "eval.split=val"]
 FIXED_DIL2 = ["scenario.val_per_class=50", "eval.split=val"]  # round 2 keeps DIL's 200 images per class and domain

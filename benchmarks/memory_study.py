@@ -19,12 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# gcl and gdro as they were when this study was made: the pairs form, lam 0.3 (the Fashion-MNIST configs then)
+PAIRS = ["method.gcl_form=pairs", "method.lam=0.3"]
 VARIANTS = {  # label -> overrides
     "finetune": ["method.name=finetune"],
     "er": ["method.name=er"],
-    "gcl": ["method.name=gcl"],
-    "gdro": ["method.name=gdro"],
-    "gdro (dro=none)": ["method.name=gdro", "method.dro=none"],
+    "gcl": ["method.name=gcl", *PAIRS],
+    "gdro": ["method.name=gdro", *PAIRS],
+    "gdro (dro=none)": ["method.name=gdro", *PAIRS, "method.dro=none"],
 }
 
 

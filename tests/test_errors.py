@@ -59,9 +59,9 @@ def finished_run(tmp_path_factory):
     (["scenario.kind=dil"], ["scenario.kind", "no domains"]),
     (["model.pretrained=no-such-tag"], ["model.pretrained", "no-such-tag"]),
     (["method.dro=groupdro", "method.dro_adjust=1"], ["method.dro_adjust", "dro=groupdro"]),
-    (["method.dro_signal=t2i"], ["method.dro_signal", "gcl_form=prompts"]),
+    (["method.gcl_form=pairs", "method.dro_signal=t2i"], ["method.dro_signal", "gcl_form=prompts"]),
     (["method.lam=1", "method.lam_start=0.5"], ["method.lam_start", "above method.lam"]),
-    (["method.dro=none", "method.lam_start=3"], ["method.lam_start", "dro=none"]),
+    (["method.dro=none", "method.lam_start=8"], ["method.lam_start", "dro=none"]),
     (["method.gcl_form=global"], ["method.gcl_form", "pairs, prompts"]),
 ])
 def test_bad_config_is_one_message_and_no_output(overrides, words, tmp_path, capsys):

@@ -297,11 +297,11 @@ def test_sample_mix_one_is_the_plain_sample_mean_and_zero_is_dro():
                   step=0)
     weights = {}
     for mix in (0.0, 1.0, 0.5):
-        m = GDRO(MethodCfg(name="gdro", sample_mix=mix))
+        m = GDRO(MethodCfg(name="gdro", sample_mix=mix, gcl_form="pairs"))
         m.start_estimators(12, 4)
         out = m.gcl(batch.z, batch.text, batch.inv, batch.index, 0.1)
         weights[mix] = m.sample_weights(batch, out)
-    plain = GCL(MethodCfg(name="gcl"))
+    plain = GCL(MethodCfg(name="gcl", gcl_form="pairs"))
     plain.start_estimators(12, 4)
     out = plain.gcl(batch.z, batch.text, batch.inv, batch.index, 0.1)
     torch.testing.assert_close(weights[1.0], plain.sample_weights(batch, out).double())

@@ -1,6 +1,7 @@
 """Every piece of checkpointed state survives state_dict -> torch.save -> torch.load -> load_state_dict exactly,
 and the restored object behaves identically on the next batch (the premise of bit-exact resumes)."""
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -124,15 +125,28 @@ def test_class_dro_round_trips_and_gives_the_same_weights(variant):
     assert_same_tree(dict(copy.state_dict()), dict(dro.state_dict()))
 
 
+FORM = "pairs"  # which form gdro_batch builds batches for (set by the test)
+
+
 def gdro_batch(g, step, n_samples=30, n_classes=4):
     z, text, inv, labels, index = random_batch(g, n_samples, n_classes)
+    if FORM == "prompts":  # every class's prompt, rows by label
+        prompts = F.normalize(torch.randn(n_classes, text.shape[1], generator=g), dim=-1)
+        return Batch(z=z.requires_grad_(), text=prompts, inv=labels, labels=labels, index=index,
+                     logit_scale=torch.tensor(14.0, requires_grad=True), step=step, prompts=prompts)
     return Batch(z=z.requires_grad_(), text=text, inv=inv, labels=labels, index=index,
                  logit_scale=torch.tensor(14.0), step=step)
 
 
-def test_gdro_method_round_trip_restores_identical_behaviour():
-    cfg = MethodCfg(name="gdro", gamma=0.7, lam=0.5, beta=0.2)
+@pytest.mark.parametrize("form", ["pairs", "prompts"])
+def test_gdro_method_round_trip_restores_identical_behaviour(form, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(sys.modules[__name__], "FORM", form)
+    cfg = MethodCfg(name="gdro", gamma=0.7, lam=0.5, beta=0.2, gcl_form=form)
+    context = SimpleNamespace(new_size=20, data_size=30, steps=10)  # positions 20-29 are the memory
     method = GDRO(cfg)
+    method.ctx = context
     method.task = 1
     method.start_estimators(30, 4)
     g = torch.Generator().manual_seed(2)
@@ -140,6 +154,7 @@ def test_gdro_method_round_trip_restores_identical_behaviour():
         method.loss(gdro_batch(g, step))
     state = through_file(method.state_dict())
     copy = GDRO(cfg)
+    copy.ctx = context
     copy.load_state_dict(state)
     assert_same_tree(copy.state_dict(), method.state_dict())
     assert copy.task == 1 and len(copy.telemetry) == 6
@@ -156,6 +171,7 @@ def test_gdro_method_round_trip_restores_identical_behaviour():
 
     # sensitivity: a method started afresh on the same task computes another loss on the same batch
     fresh = GDRO(cfg)
+    fresh.ctx = context
     fresh.start_estimators(30, 4)
     batch = gdro_batch(g, 7)
     twin = Batch(**{**vars(batch), "z": batch.z.detach().clone().requires_grad_()})

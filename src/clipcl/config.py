@@ -95,7 +95,8 @@ class MethodCfg:
     gamma: float = 0.9  # GCL moving-average rate
     tau: float = 0.0  # GCL temperature; 0 = 1 / model logit scale (detached)
     dro: str = "kl"  # kl | groupdro | cvar | none
-    lam: float = 1.0  # KL-DRO temperature, in units of the loss
+    lam: float = 4.0  # KL-DRO temperature, in units of the class losses (nats in the prompts form; the pairs form's
+    #                   losses are in units of tau, about 1/14: lam 0.3 there is about 4 here)
     beta: float = 0.1  # moving-average rate of the class losses
     eta: float = 0.01  # groupdro step size
     alpha: float = 0.5  # cvar: fraction of classes kept
@@ -109,10 +110,12 @@ class MethodCfg:
     dro_adjust: float = 0.0  # group DRO's size adjustment: class losses v_c + dro_adjust / sqrt(n_c), n_c the
     #                          class's samples in D_t U M (small memory classes look worse, get more weight)
     sample_mix: float = 0.0  # w = (1 - sample_mix) w_DRO + sample_mix w_sample: keeps weight on the new task
-    gcl_form: str = "pairs"  # pairs: per-sample estimators over sample pairs | prompts: exact image -> text over
-    #                          every seen class prompt, one text -> image estimator per class, learned logit scale
-    dro_signal: str = "loss"  # the class loss DRO weighs: loss (moving average) | excess (over its value when the
-    #                           class was last trained) | t2i (its text -> image term only; gcl_form=prompts)
+    gcl_form: str = "prompts"  # prompts: exact image -> text over every seen class prompt, one text -> image
+    #                            estimator per class, learned logit scale | pairs: per-sample estimators over
+    #                            sample pairs, temperature detached (the first reconstruction)
+    dro_signal: str = "auto"  # the class loss DRO weighs: t2i (its text -> image term, new images as negatives;
+    #                           prompts form) | loss (the moving average of the whole loss) | excess (over its value
+    #                           when the class was last trained) | auto: t2i in the prompts form, loss in pairs
     lam_start: float = 0.0  # > lam: the KL-DRO temperature falls from lam_start to lam over each task (cosine)
     telemetry_every: int = 1  # record the DRO class weights every N steps
 
@@ -159,7 +162,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.dro": ("kl", "groupdro", "cvar", "none"),
     "method.gamma_schedule": ("constant", "cosine"),
     "method.gcl_form": ("pairs", "prompts"),
-    "method.dro_signal": ("loss", "excess", "t2i"),
+    "method.dro_signal": ("auto", "loss", "excess", "t2i"),
     "eval.templates": ("default", "ensemble"),
     "eval.split": ("test", "val"),
     "device": ("auto", "cpu", "cuda"),

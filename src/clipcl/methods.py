@@ -382,6 +382,7 @@ class GDRO(GCL):
         super().__init__(cfg)
         self.dro = ClassDRO(0, cfg.dro, cfg.lam, cfg.beta, cfg.eta, cfg.alpha, cfg.max_weight, cfg.dro_adjust,
                             excess=cfg.dro_signal == "excess")
+        self.signal = cfg.dro_signal if cfg.dro_signal != "auto" else ("t2i" if cfg.gcl_form == "prompts" else "loss")
         self.telemetry: list[dict] = []  # {"task", "step", "weights": p over the seen classes}
 
     def start_estimators(self, n_samples, n_classes):
@@ -405,7 +406,7 @@ class GDRO(GCL):
             frac = 0.5 * (1 + math.cos(math.pi * batch.step / max(self.ctx.steps, 1)))
             self.dro.lam = self.cfg.lam + (self.cfg.lam_start - self.cfg.lam) * frac
         ok = out["has_negative"]
-        signal = out["t2i"] if self.cfg.dro_signal == "t2i" else out["loss"]
+        signal = out["t2i"] if self.signal == "t2i" else out["loss"]
         self.dro.update(batch.labels[ok], signal[ok])
         p = self.dro.class_weights()
         if batch.step % self.cfg.telemetry_every == 0:
