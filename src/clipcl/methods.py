@@ -372,8 +372,9 @@ class GCL(ER):
 
 class GDRO(GCL):
     """GCL with class-level DRO weights: L = sum_i w_i L_i with w_i = p_{y_i} / (n_B(y_i) sum_{c in B} p_c),
-    p the DRO weights of the seen classes (method.dro): forgotten (high-loss) classes get weight back.
-    Options: method.dro_adjust (class losses read as v_c + C / sqrt(n_c)), method.sample_mix a
+    p the DRO weights of the seen classes (method.dro): forgotten (high-loss) classes get weight back. The class
+    loss p reads (method.dro_signal): each sample's text -> image term in the prompts form, its whole loss in the
+    pairs form, or its excess over the class's value when last trained. Options: method.dro_adjust (class losses read as v_c + C / sqrt(n_c)), method.sample_mix a
     (w <- (1 - a) w + a w_mean, w_mean the plain mean over samples with a negative)."""
 
     name = "gdro"
