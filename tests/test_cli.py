@@ -37,7 +37,7 @@ def test_results_file_is_complete_and_consistent(gdro_run):
     assert len(w) == steps and len(w[-1]["weights"]) == 4
     assert sum(w[-1]["weights"]) == pytest.approx(1.0, abs=1e-4)
     csv = (out / "accuracy_matrix.csv").read_text().splitlines()
-    assert csv[0] == "after_task,task0,task1"
+    assert csv[0] == "after_task,task1,task2"
     assert float(csv[2].split(",")[2]) == pytest.approx(R[1][1], abs=1e-4)
     for png in ("accuracy.png", "accuracy_matrix.png", "class_weights.png"):
         assert (out / png).stat().st_size > 1000

@@ -281,6 +281,21 @@ def test_write_outputs_replaces_planted_links(tmp_path):
         assert (elsewhere / name).read_bytes() == b"precious " + name.encode()
         assert (run / name).is_file() and not (run / name).is_symlink()
     assert load_results(run / "results.json") == results
-    assert (run / "accuracy_matrix.csv").read_text() == "after_task,task0,task1\n0,0.8000,\n1,0.6000,0.9000\n"
+    assert (run / "accuracy_matrix.csv").read_text() == "after_task,task1,task2\n1,0.8000,\n2,0.6000,0.9000\n"
     assert all((run / n).read_bytes().startswith(b"\x89PNG") for n in names if n.endswith(".png"))
     assert sorted(p.name for p in run.iterdir()) == sorted(names)  # no temporary file left behind
+
+
+def test_class_weight_rows_are_placed_at_their_training_steps():
+    from clipcl.report import run_title, weight_steps
+
+    results = {"class_weights": [{"task": 0, "step": 0, "weights": [1.0]}, {"task": 0, "step": 10, "weights": [1.0]},
+                                 {"task": 1, "step": 0, "weights": [0.5, 0.5]},
+                                 {"task": 1, "step": 10, "weights": [0.5, 0.5]}],
+               "timing": {"tasks": [{"steps": 13}, {"steps": 13}]},
+               "config": {"name": "fmnist-cil", "seed": 3, "method": {"name": "gdro"}, "memory": {"per_class": 2}}}
+    x, first = weight_steps(results)
+    assert x.tolist() == [0, 10, 13, 23] and first.tolist() == [0, 13, 26]  # telemetry every 10 steps, 13 a task
+    assert run_title(results) == "fmnist-cil · gdro · m=2 · seed 3"
+    results["timing"]["tasks"] = []  # stopped in its first task: rows as recorded
+    assert weight_steps(results)[0].tolist() == [0, 1, 2, 3]

@@ -32,8 +32,9 @@ def write_outputs(results: dict, out_dir: Path) -> None:
     """results.json, accuracy_matrix.csv and the plots of one run."""
     write_results_json(results, out_dir)
     R = results["accuracy_matrix"]
-    lines = ["after_task," + ",".join(f"task{j}" for j in range(len(R[0]) if R else 0))]
-    lines += [f"{t}," + ",".join("" if v is None else f"{v:.4f}" for v in row) for t, row in enumerate(R)]
+    # tasks numbered from 1, as in the plots and the progress lines
+    lines = ["after_task," + ",".join(f"task{j + 1}" for j in range(len(R[0]) if R else 0))]
+    lines += [f"{t + 1}," + ",".join("" if v is None else f"{v:.4f}" for v in row) for t, row in enumerate(R)]
     write_text(out_dir / "accuracy_matrix.csv", "\n".join(lines) + "\n")
     plot_run(results, out_dir)
 
@@ -44,7 +45,34 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    _cjk_fallback(matplotlib)
     return plt
+
+
+def _cjk_fallback(matplotlib) -> None:
+    """Class names in Chinese, Japanese or Korean render as glyphs, not boxes, when such a font is installed:
+    it goes after the default font in the fallback list (matplotlib >= 3.6 falls back glyph by glyph)."""
+    from matplotlib import font_manager
+
+    names = {f.name for f in font_manager.fontManager.ttflist}
+    cjk = sorted(n for n in names if any(k in n for k in ("CJK", "WenQuanYi", "Droid Sans Fallback", "Unifont")))
+    family = matplotlib.rcParams["font.sans-serif"]
+    if cjk and cjk[0] not in family:
+        matplotlib.rcParams["font.sans-serif"] = [*family, cjk[0]]
+
+
+def run_title(results: dict) -> str:
+    """'benchmark · method · m=... · seed ...' of a run: what a plot shows, on the plot."""
+    cfg = results.get("config", {})
+    mem = cfg.get("memory", {})
+    if mem.get("total"):
+        memory = f"memory {mem['total']} images"
+    elif mem.get("bytes"):
+        memory = f"memory {mem['bytes']} bytes"
+    else:
+        memory = f"m={mem.get('per_class', '?')}"
+    return (f"{cfg.get('name', '?')} · {cfg.get('method', {}).get('name', '?')} · {memory} · "
+            f"seed {cfg.get('seed', '?')}")
 
 
 def _save(fig, path: Path) -> None:
@@ -61,16 +89,18 @@ def plot_run(results: dict, out_dir: Path) -> None:
     R = results["accuracy_matrix"]
     name = results["config"]["method"]["name"]
     if R:
-        plot_comparison({name: results}, out_dir / "accuracy.png")
+        plot_comparison({name: results}, out_dir / "accuracy.png", title=run_title(results))
         M = np.array([[np.nan if v is None else 100 * v for v in row] for row in R], dtype=float)
         fig, ax = plt.subplots(figsize=(1 + 0.6 * M.shape[1], 1 + 0.5 * M.shape[0]))
         im = ax.imshow(M, vmin=0, vmax=100, cmap="viridis")
         for (i, j), v in np.ndenumerate(M):
             if not np.isnan(v):
                 ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="w" if v < 60 else "k", fontsize=8)
+        ax.set_xticks(range(M.shape[1]), [str(j + 1) for j in range(M.shape[1])])
+        ax.set_yticks(range(M.shape[0]), [str(t + 1) for t in range(M.shape[0])])
         ax.set_xlabel("test task j")
-        ax.set_ylabel("after task t")
-        ax.set_title(f"R[t, j] (%) - {name}")
+        ax.set_ylabel("after training task t")
+        ax.set_title(f"R[t, j] (%)\n{run_title(results)}", fontsize=9)
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         _save(fig, out_dir / "accuracy_matrix.png")
@@ -78,26 +108,46 @@ def plot_run(results: dict, out_dir: Path) -> None:
         plot_class_weights(results, out_dir / "class_weights.png")
 
 
-def plot_class_weights(results: dict, path: Path) -> None:
-    """DRO class weights p_c over training steps, one line per class, tasks end to end."""
+def weight_steps(results: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(global training step of each recorded class-weight row, the step each task starts at): tasks end to end,
+    so method.telemetry_every = 10 puts rows 10 steps apart. Where an earlier task's step count is missing
+    (results written by an older clipcl), the rows are numbered as recorded."""
+    rows = results["class_weights"]
+    steps = [t.get("steps", 0) for t in results.get("timing", {}).get("tasks", [])]
+    first = np.concatenate([[0], np.cumsum(steps)]).astype(int)
+    x = np.array([first[r["task"]] + r["step"] if r["task"] < len(first) else np.nan for r in rows], dtype=float)
+    if np.isnan(x).any():
+        x = np.arange(len(rows), dtype=float)
+    return x, first
+
+
+def plot_class_weights(results: dict, path: Path, top: int = 10) -> None:
+    """DRO class weights p_c over training steps (tasks end to end, in steps), one line per class; the `top`
+    classes with the largest weight are coloured and named, the others grey."""
     plt = _plt()
     rows = results["class_weights"]
     names = results["scenario"]["classnames"]
     n = max(len(r["weights"]) for r in rows)
     W = np.array([r["weights"] + [np.nan] * (n - len(r["weights"])) for r in rows], dtype=float)
     W[W == 0] = np.nan  # a class not visited yet in its stage has no weight to draw
-    x = np.arange(len(rows))
+    x, first = weight_steps(results)
     fig, ax = plt.subplots(figsize=(8, 4))
+    peak = np.nan_to_num(np.nanmax(np.where(np.isnan(W), -np.inf, W), axis=0), neginf=0.0)
+    named = set(np.argsort(-peak, kind="stable")[:top].tolist())
     for c in range(n):
-        ax.plot(x, W[:, c], lw=1, label=names[c] if c < len(names) else str(c))
-    starts = [i for i in range(1, len(rows)) if rows[i]["task"] != rows[i - 1]["task"]]
-    for s in starts:
-        ax.axvline(s, color="grey", lw=0.5, ls="--")
-    ax.set_xlabel("recorded training step (tasks end to end)")
+        label = names[c] if c < len(names) else str(c)
+        if c in named:
+            ax.plot(x, W[:, c], lw=1.2, label=label)
+        else:
+            ax.plot(x, W[:, c], lw=0.6, color="0.75")
+    for t in range(1, len(first) - 1):
+        ax.axvline(first[t], color="grey", lw=0.5, ls="--")
+    ax.set_xlabel("training step (tasks end to end; dashed lines: a task starts)")
     ax.set_ylabel("class weight p_c")
-    ax.set_title("DRO class weights")
-    if n <= 20:
-        ax.legend(fontsize=6, ncol=2, loc="upper left")
+    rest = f"; {n - len(named)} more classes in grey" if n > len(named) else ""
+    ax.set_title(f"DRO class weights{rest}\n{run_title(results)}", fontsize=9)
+    ax.legend(fontsize=8, ncol=2, loc="best", title=f"top {len(named)} by largest weight" if rest else None,
+              title_fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 
@@ -131,7 +181,7 @@ def summary_table(runs: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_comparison(runs: dict[str, dict], path: Path) -> None:
+def plot_comparison(runs: dict[str, dict], path: Path, title: str = "") -> None:
     """Accuracy on seen data after each task, one line per run (runs without a finished task are left out)."""
     from .evaluate import seen_accuracy
 
@@ -147,6 +197,8 @@ def plot_comparison(runs: dict[str, dict], path: Path) -> None:
     ax.set_ylabel("accuracy on seen test data (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
     if drawn:
         ax.legend()
     fig.tight_layout()
