@@ -6,6 +6,7 @@ from scratch and from a pretrained CLIP; fmnist-dil: domain-incremental).
 
     .venv/bin/python benchmarks/study.py                          # all three, about an hour on 2 cores
     .venv/bin/python benchmarks/study.py --benchmark fmnist-pre-cil  # one of them
+    .venv/bin/python benchmarks/study.py --report-only             # the tables of the runs finished so far
 
 gcl and gdro run with their shipped defaults, which were chosen on a validation split
 (benchmarks/results/gdro_ablation2_*.md); the numbers here are on the test images. 1000 training images per
@@ -16,7 +17,9 @@ t-intervals) and the raw numbers as study_<benchmark>.json. Finished runs under 
 """
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,15 +29,15 @@ from memory_study import HERE, mean_std, run_cli, study_args
 VARIANTS = {  # label -> overrides
     "finetune": ["method.name=finetune"],
     "er": ["method.name=er"],
-    "balanced (gdro, dro=none)": ["method.name=gdro", "method.dro=none"],
-    "balanced, pairs form": ["method.name=gdro", "method.dro=none", "method.gcl_form=pairs"],
+    "balanced (gdro dro=none)": ["method.name=gdro", "method.dro=none"],
+    "balanced pairs form": ["method.name=gdro", "method.dro=none", "method.gcl_form=pairs"],
     "er (herding)": ["method.name=er", "memory.selection=herding"],
     "gcl": ["method.name=gcl"],
     "gdro": ["method.name=gdro"],
 }
 BENCHMARKS = {"fmnist-cil": ["scenario.train_per_class=500"], "fmnist-pre-cil": ["scenario.train_per_class=500"],
               "fmnist-dil": ["scenario.train_per_class=100"]}
-COMPARISONS = (("gdro", "er"), ("gdro", "balanced (gdro, dro=none)"), ("gdro", "balanced, pairs form"),
+COMPARISONS = (("gdro", "er"), ("gdro", "balanced (gdro dro=none)"), ("gdro", "balanced pairs form"),
                ("gdro", "er (herding)"), ("gcl", "er"))
 
 
@@ -62,7 +65,30 @@ def report(benchmark: str, fixed: list[str], mems: list[int], seeds: list[int], 
     return "\n".join(lines)
 
 
+def summary(tables: dict[str, dict], mems: list[int], seeds: list[int]) -> str:
+    """One table over benchmarks and memory sizes: the paired differences the method has to win."""
+    cols = [(a, b, "last_accuracy") for a, b in COMPARISONS] + [("gdro", "er", "mean_diagonal")]
+    lines = ["# Method study: summary", "",
+             "Command: `.venv/bin/python benchmarks/study.py` (tables per benchmark in study_<benchmark>.md)", "",
+             f"Paired differences on the test split, points, mean [95% interval] over seeds {seeds}: last accuracy, "
+             "and the mean diagonal for gdro − er.", "",
+             "| benchmark | m | " + " | ".join(f"{a} − {b}" + (" (mean diag)" if k == "mean_diagonal" else "")
+                                           for a, b, k in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for b, results in tables.items():
+        for mem in mems:
+            def runs(label):
+                return [results[(label, 1 if label == "finetune" else mem, s)] for s in seeds]
+            lines.append(f"| {b} | {mem} | " + " | ".join(
+                paired([value(r, k) for r in runs(x)], [value(r, k) for r in runs(y)]) for x, y, k in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--report-only", action="store_true", help="write the tables of finished runs, start none")
+    known, rest = pre.parse_known_args()
+    sys.argv = [sys.argv[0], *rest]
     args, mems, seeds, labels = study_args(__doc__, "1,2,5,10", list(VARIANTS), benchmark="all")
     if args.seeds == "0,1,2":
         seeds = [0, 1, 2, 3, 4]
@@ -70,22 +96,41 @@ def main() -> None:
     jobs = [(b, label, mem, seed) for b in benchmarks for label in labels
             for mem in ([1] if label == "finetune" else mems) for seed in seeds]
 
-    def one(job):
+    def folder(job) -> Path:
         b, label, mem, seed = job
         slug = label.replace(" ", "").replace("(", "_").replace(")", "").replace("=", "-").replace(",", "")
-        out = Path(args.out) / f"study-{b}" / f"{slug}_m{mem}_s{seed}"
-        return run_cli(b, [*BENCHMARKS.get(b, []), *VARIANTS[label], f"memory.per_class={mem}", f"seed={seed}",
-                           *args.overrides], out, threads=1)
+        return Path(args.out) / f"study-{b}" / f"{slug}_m{mem}_s{seed}"
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(zip(jobs, pool.map(one, jobs)))
+    def one(job):
+        b, label, mem, seed = job
+        return run_cli(b, [*BENCHMARKS.get(b, []), *VARIANTS[label], f"memory.per_class={mem}", f"seed={seed}",
+                           *args.overrides], folder(job), threads=1)
+
+    if known.report_only:
+        results = {}
+        for job in jobs:
+            done = folder(job) / "results.json"
+            if done.is_file() and json.loads(done.read_text()).get("complete"):
+                results[job] = json.loads(done.read_text())
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            results = dict(zip(jobs, pool.map(one, jobs)))
+    tables = {}
     for b in benchmarks:
         mine = {(label, mem, seed): r for (bb, label, mem, seed), r in results.items() if bb == b}
+        if len(mine) < sum(1 for j in jobs if j[0] == b):
+            print(f"{b}: {len(mine)} of {sum(1 for j in jobs if j[0] == b)} runs finished; no table yet")
+            continue
+        tables[b] = mine
         text = report(b, BENCHMARKS.get(b, []), mems, seeds, labels, mine)
         (HERE / "results" / f"study_{b}.md").write_text(text)
         raw = {f"{label}|m={mem}|seed={seed}": {**r["metrics"], "mean_diagonal": value(r, "mean_diagonal")}
                for (label, mem, seed), r in mine.items()}
         (HERE / "results" / f"study_{b}.json").write_text(json.dumps(raw, indent=1))
+        print(text)
+    if tables and args.benchmark == "all":
+        text = summary(tables, mems, seeds)
+        (HERE / "results" / "study_summary.md").write_text(text)
         print(text)
 
 
