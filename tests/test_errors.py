@@ -262,3 +262,20 @@ def test_random_streams_of_different_key_counts_differ():
     b = torch.randperm(50, generator=seeded(0, 1, 2, 0))
     assert not torch.equal(a, b)
     assert torch.equal(a, torch.randperm(50, generator=seeded(0, 1, 2)))
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["method.dro=none", "method.dro_signal=excess"], ["method.dro_signal", "dro=none"]),
+    (["model.lock_image=true"], ["model.lock_image", "lock_text"]),  # fmnist-cil locks the text tower
+])
+def test_settings_without_effect_are_refused(overrides, words, tmp_path, capsys):
+    err = fail(["run", "fmnist-cil", *overrides, "--out", str(tmp_path / "out")], capsys)
+    for w in words:
+        assert w in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_under_several_ranks_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = fail(["bench", "fmnist-cil"], capsys)
+    assert "without torchrun" in err

@@ -279,8 +279,10 @@ def test_prompt_gcl_class_without_negatives_keeps_its_estimate_and_no_nan():
     prompts = F.normalize(torch.randn(3, 4, dtype=torch.float64), dim=1)
     z = F.normalize(torch.randn(3, 4, dtype=torch.float64), dim=1)
     loss = PromptContrastiveLoss(3, gamma=0.5)
-    out = loss(z, prompts, torch.tensor([1, 1, 1]), 10.0, torch.ones(3), n_ref=2.0)
-    assert not loss.visited[1] and loss.visited[0] and loss.visited[2]
+    loss(z, prompts, torch.tensor([0, 2, 2]), 10.0, torch.ones(3), n_ref=2.0)  # class 1's negatives: all three
+    kept = loss.log_u[1].clone()
+    out = loss(z, prompts, torch.tensor([1, 1, 1]), 10.0, torch.ones(3), n_ref=2.0)  # class 1 has no negative now
+    assert loss.log_u[1] == kept and loss.visited.all()
     assert torch.isfinite(out["surrogate"]).all() and (out["t2i"] == 0).all() and not out["has_negative"].any()
 
 
@@ -294,3 +296,12 @@ def test_dro_excess_reads_losses_against_their_value_when_last_trained():
     dro.update(torch.tensor([0, 1, 2]), torch.tensor([2.0, 3.5, 9.0]))
     excess = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)  # class 2 never trained before: 0
     assert torch.allclose(dro.class_weights(), torch.softmax(excess, 0))
+
+
+def test_dro_excess_is_taken_before_the_size_adjustment():
+    dro = ClassDRO(3, "kl", lam=1.0, beta=1.0, adjust=1.0, excess=True)
+    dro.set_sizes(torch.tensor([4, 4, 4]))
+    dro.update(torch.tensor([0, 1]), torch.tensor([2.0, 2.0]))
+    dro.mark_trained(torch.tensor([0, 1]))
+    dro.update(torch.tensor([0, 1, 2]), torch.tensor([2.0, 2.0, 5.0]))  # no class rose; class 2 never trained
+    assert torch.allclose(dro.class_weights(), torch.full((3,), 1 / 3, dtype=torch.float64))

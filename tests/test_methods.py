@@ -239,10 +239,11 @@ ARGS = ["run", "fmnist-cil", *TINY, "checkpoint_every=1"]
 
 
 RESUME_EXTRA = {"er": ["memory.selection=herding", "memory.codec=png"],
-                "gdro-prompts": ["method.gcl_form=prompts", "method.dro_signal=excess", "method.lam_start=3"]}
+                "gdro-excess": ["method.dro_signal=excess", "method.lam_start=8"],
+                "gdro-pairs": ["method.gcl_form=pairs", "method.lam=0.3"]}
 
 
-@pytest.mark.parametrize("name", [*sorted(set(METHODS) - {"zeroshot"}), "gdro-prompts"])
+@pytest.mark.parametrize("name", [*sorted(set(METHODS) - {"zeroshot"}), "gdro-excess", "gdro-pairs"])
 def test_every_method_resumes_bit_exactly_after_sigkill(name, tmp_path):
     args = [*ARGS, f"method.name={name.split('-')[0]}", *RESUME_EXTRA.get(name, [])]
     ref, out = tmp_path / "ref", tmp_path / "run"

@@ -46,4 +46,6 @@ def test_channels_last_is_the_same_training_in_another_memory_layout(tmp_path):
     cl = _trained(tmp_path / "b", "model.channels_last=true")
     x = cl.bundle.prepare_images(cl.scenario[0].train.load([0, 1]))
     assert x.is_contiguous(memory_format=torch.channels_last)
+    convs = [m.weight for m in cl.bundle.model.visual.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert_same_training(cl.bundle.model.state_dict(), plain.bundle.model.state_dict())

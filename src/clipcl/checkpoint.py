@@ -17,7 +17,7 @@ from typing import Any
 from .files import atomic_write, clear_stale_temporaries
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 2  # 2: weights-only loading, data fingerprint
+FORMAT_VERSION = 3  # 2: weights-only loading, data fingerprint; 3: the prompts form's estimators, DRO marks
 
 
 class CheckpointError(RuntimeError):
@@ -60,7 +60,8 @@ def read(path: Path, mmap: bool = False) -> dict[str, Any]:
         raise CheckpointError(f"'{path}' is not a clipcl checkpoint.")
     if state["format_version"] != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint '{path}' has format version {state['format_version']}, this clipcl "
-                              f"reads version {FORMAT_VERSION}. Resume it with the clipcl that wrote it.")
+                              f"reads version {FORMAT_VERSION}: it was written by another clipcl. Resume it with the clipcl that wrote "
+                              "it, or start the run again.")
     return state
 
 

@@ -134,9 +134,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def several_ranks_requested() -> bool:
+    """Whether this process is one of several ranks (torchrun sets WORLD_SIZE), without importing torch."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ConfigError(f"--steps {args.steps}: measure at least 1 training step")
+    if several_ranks_requested():
+        raise ConfigError("clipcl bench measures one process; run it without torchrun (its figures per rank would "
+                          "divide one rank's FLOPs by the global batch)")
     cfg = load_config(args.config, args.overrides)
     if args.json:  # refuse an unwritable or foreign target before the slow part
         target = Path(args.json)

@@ -238,6 +238,11 @@ def validate(cfg: RunCfg) -> None:
     _check(0 <= me.sample_mix <= 1, "method.sample_mix", me.sample_mix, "must be in [0, 1]")
     _check(me.dro_signal != "t2i" or me.gcl_form == "prompts", "method.dro_signal", me.dro_signal,
            "t2i needs method.gcl_form=prompts (the pairs form has no per-class text -> image term)")
+    _check(not (me.dro_signal == "excess" and me.dro in ("groupdro", "none")), "method.dro_signal", me.dro_signal,
+           f"excess changes the class losses of dro=kl and dro=cvar; it has no effect with dro={me.dro}. "
+           "Use dro_signal=auto")
+    _check(not (cfg.model.lock_image and cfg.model.lock_text), "model.lock_image", cfg.model.lock_image,
+           "with model.lock_text too, nothing but the logit scale would train. Unlock one of the towers")
     _check(me.lam_start == 0 or me.lam_start > me.lam, "method.lam_start", me.lam_start,
            f"must be 0 (off) or above method.lam ({me.lam}): the temperature falls from lam_start to lam")
     _check(not (me.lam_start and me.dro != "kl"), "method.lam_start", me.lam_start,

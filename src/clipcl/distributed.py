@@ -5,7 +5,8 @@ CUDA, gloo on the CPU. Every rank builds the same scenario, model and memory (al
 the same global batch of optim.batch_size positions each step and trains on its shard of it; the batch's
 embeddings are gathered so that every rank computes the loss of the whole global batch, and gradients are
 averaged by DistributedDataParallel. A run therefore follows the same trajectory with any number of ranks
-(to float rounding), and a checkpoint written with W ranks resumes with any other number.
+(to float rounding), and a checkpoint written with W ranks resumes with any other number. One exception:
+BatchNorm (clipcl-tiny-rn) is synchronised on CUDA only; on CPUs each rank normalises its own share.
 """
 from __future__ import annotations
 

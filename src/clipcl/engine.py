@@ -122,6 +122,10 @@ class Trainer:
                 torch.cuda.set_device(self.device)
             distributed.init(self.device.type)
         self.rank, self.world = distributed.rank(), distributed.world_size()
+        if cfg.optim.batch_size < self.world:
+            raise ConfigError(f"config key 'optim.batch_size' = {cfg.optim.batch_size}: the global batch is split over "
+                              f"the {self.world} ranks, so it needs at least one sample per rank. Raise it to "
+                              f"{self.world} or more, or start fewer ranks.")
         self.main = self.rank == 0
         quiet = self.quiet = quiet or not self.main
         torch.manual_seed(cfg.seed)  # model initialisation is the one use of the global generator

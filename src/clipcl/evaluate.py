@@ -60,9 +60,11 @@ def task_accuracy(bundle, data: ImageSet, text: torch.Tensor, batch_size: int, d
     if distributed.active():  # each rank its contiguous share of the images; the counts summed
         mine = distributed.shard(np.arange(len(data)), distributed.rank(), distributed.world_size())
         data = data.subset(mine)
-    z = image_features(bundle, data, batch_size, device, autocast)
-    pred = (z @ text.t()).argmax(1).cpu().numpy()
-    correct, total = distributed.all_sum([float((pred == data.targets).sum()), float(len(pred))], device).tolist()
+    correct = 0.0
+    if len(data):  # a rank's share is empty when a task has fewer images than there are ranks
+        z = image_features(bundle, data, batch_size, device, autocast)
+        correct = float(((z @ text.t()).argmax(1).cpu().numpy() == data.targets).sum())
+    correct, total = distributed.all_sum([correct, float(len(data))], device).tolist()
     return correct / total
 
 

@@ -149,7 +149,7 @@ class ClassDRO(nn.Module):
     With `adjust` = C > 0, every v_c above is read as v_c + C / sqrt(n_c), n_c the class's samples in the stage
     (group DRO's size adjustment: a memory class of 2 images looks worse than its loss says).
     With `excess`, every v_c is read as v_c - b_c, b_c its value when the class was last trained (mark_trained;
-    kept across stages), 0 for a class never marked: a class whose loss has risen since is forgotten.
+    kept across stages); a class never trained before reads 0: a class whose loss has risen since is forgotten.
     """
 
     VARIANTS = ("kl", "groupdro", "cvar", "none")
@@ -216,9 +216,10 @@ class ClassDRO(nn.Module):
         k = int(seen.sum())
         if k == 0:
             return p
-        v = self.v[seen] + self.adjust / self.sizes[seen].sqrt()  # Sagawa et al.'s generalisation adjustment
-        if self.excess:
+        v = self.v[seen]
+        if self.excess:  # the rise since the class was last trained; 0 for a class never trained before
             v = torch.where(self.marked[seen], v - self.base[seen], torch.zeros_like(v))
+        v = v + self.adjust / self.sizes[seen].sqrt()  # Sagawa et al.'s generalisation adjustment
         if self.variant == "kl":
             ps = torch.softmax(v / self.lam, dim=0)
         elif self.variant == "groupdro":
