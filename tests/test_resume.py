@@ -209,7 +209,7 @@ def test_checkpoint_never_holds_the_optimizer_of_a_finished_task(tiny_saves):
             assert all(float(m["step"]) == step for m in moments)
             want = lr_at(step - 1, trainer.total_steps(task), cfg.optim.lr, cfg.optim.warmup_steps)
             assert all(g["lr"] == want for g in opt["param_groups"])
-            assert s["method"]["gcl"]["visited"].any() and s["method"]["dro"]["visited"].any()
+            assert s["method"]["pgcl"]["visited"].any() and s["method"]["dro"]["visited"].any()  # prompts form
             if task == 1:
                 assert s["memory"]["keys"]  # the memory of task 0 is in the checkpoint
 
