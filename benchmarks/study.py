@@ -41,6 +41,13 @@ COMPARISONS = (("gdro", "er"), ("gdro", "balanced (gdro dro=none)"), ("gdro", "b
                ("gdro", "er (herding)"), ("gcl", "er"))
 
 
+def _cells(results: dict, label: str, mem: int, seeds: list[int]) -> list[dict] | None:
+    """The runs of one (method, memory size) over the seeds, or None unless all of them finished."""
+    key = (lambda s: (label, 1, s)) if label == "finetune" else (lambda s: (label, mem, s))
+    runs = [results.get(key(s)) for s in seeds]
+    return None if any(r is None for r in runs) else runs
+
+
 def report(benchmark: str, fixed: list[str], mems: list[int], seeds: list[int], labels: list[str],
            results: dict) -> str:
     lines = [f"# Method study: {benchmark}", "",
@@ -48,12 +55,14 @@ def report(benchmark: str, fixed: list[str], mems: list[int], seeds: list[int], 
              f"Fixed: {' '.join(fixed)}; seeds {seeds}; 1 CPU thread per run; test split. Mean ± standard "
              "deviation over seeds, in %. finetune keeps no memory (one run per seed, shown in every column).", ""]
     for mem in mems:
-        runs = {label: [results[(label, 1 if label == "finetune" else mem, s)] for s in seeds] for label in labels}
+        runs = {label: _cells(results, label, mem, seeds) for label in labels}
+        runs = {label: r for label, r in runs.items() if r is not None}
+        if not runs:
+            continue
         lines += [f"## m = {mem} images per class", "", "| method | " + " | ".join(n for n, _ in METRICS) + " |",
                   "|---|" + "---|" * len(METRICS)]
-        for label in labels:
-            lines.append(f"| {label} | " + " | ".join(mean_std([value(r, k) for r in runs[label]])
-                                                      for _, k in METRICS) + " |")
+        for label, rs in runs.items():
+            lines.append(f"| {label} | " + " | ".join(mean_std([value(r, k) for r in rs]) for _, k in METRICS) + " |")
         lines += ["", "Paired differences (points; mean [95% interval] over the same seeds)", "",
                   "| comparison | " + " | ".join(n for n, _ in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
         for a, b in COMPARISONS:
@@ -66,7 +75,8 @@ def report(benchmark: str, fixed: list[str], mems: list[int], seeds: list[int], 
 
 
 def summary(tables: dict[str, dict], mems: list[int], seeds: list[int]) -> str:
-    """One table over benchmarks and memory sizes: the paired differences the method has to win."""
+    """One table over benchmarks and memory sizes: the paired differences the method has to win (— where a
+    side was not run)."""
     cols = [(a, b, "last_accuracy") for a, b in COMPARISONS] + [("gdro", "er", "mean_diagonal")]
     lines = ["# Method study: summary", "",
              "Command: `.venv/bin/python benchmarks/study.py` (tables per benchmark in study_<benchmark>.md)", "",
@@ -77,10 +87,13 @@ def summary(tables: dict[str, dict], mems: list[int], seeds: list[int]) -> str:
              "|---|---|" + "---|" * len(cols)]
     for b, results in tables.items():
         for mem in mems:
-            def runs(label):
-                return [results[(label, 1 if label == "finetune" else mem, s)] for s in seeds]
-            lines.append(f"| {b} | {mem} | " + " | ".join(
-                paired([value(r, k) for r in runs(x)], [value(r, k) for r in runs(y)]) for x, y, k in cols) + " |")
+            cells = []
+            for x, y, k in cols:
+                rx, ry = _cells(results, x, mem, seeds), _cells(results, y, mem, seeds)
+                cells.append("—" if rx is None or ry is None else
+                             paired([value(r, k) for r in rx], [value(r, k) for r in ry]))
+            if any(c != "—" for c in cells):
+                lines.append(f"| {b} | {mem} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -118,9 +131,11 @@ def main() -> None:
     tables = {}
     for b in benchmarks:
         mine = {(label, mem, seed): r for (bb, label, mem, seed), r in results.items() if bb == b}
-        if len(mine) < sum(1 for j in jobs if j[0] == b):
-            print(f"{b}: {len(mine)} of {sum(1 for j in jobs if j[0] == b)} runs finished; no table yet")
+        expected = sum(1 for j in jobs if j[0] == b)
+        if not mine:
             continue
+        if len(mine) < expected:  # --report-only while runs go on: the cells finished over every seed
+            print(f"{b}: {len(mine)} of {expected} runs finished; tables of the complete cells only")
         tables[b] = mine
         text = report(b, BENCHMARKS.get(b, []), mems, seeds, labels, mine)
         (HERE / "results" / f"study_{b}.md").write_text(text)
