@@ -4,6 +4,7 @@ import json
 import pytest
 
 from clipcl.cli import main
+from clipcl.report import RESULTS_SCHEMA
 from clipcl.evaluate import metrics
 
 TINY = ["scenario.train_per_class=40", "scenario.test_per_class=20", "scenario.n_tasks=2",
@@ -29,7 +30,8 @@ def test_results_file_is_complete_and_consistent(gdro_run):
     assert r["scenario"]["test_sizes"] == [40, 40] and r["scenario"]["train_sizes"] == [80, 80]
     # 4 classes seen, 3 grey 28x28 images each
     assert r["memory"]["images"] == 12 and r["memory"]["bytes"] == 12 * 28 * 28
-    assert set(r["versions"]) >= {"python", "torch", "open_clip", "clipcl", "device"}
+    assert set(r["versions"]) >= {"python", "torch", "open_clip", "clipcl", "device", "world_size"}
+    assert r["schema_version"] == RESULTS_SCHEMA
     assert len(r["timing"]["tasks"]) == 2 and r["timing"]["train_images_per_second"] > 0
     # telemetry: a weight vector over the seen classes at every step, summing to 1
     w = r["class_weights"]

@@ -7,6 +7,7 @@ import pytest
 from clipcl.cli import main
 from clipcl.evaluate import metrics
 from clipcl.report import collect_runs, load_results, plot_comparison, summary_table, write_outputs
+from cli_checks import fail
 
 # Two tasks of 10 test images each. Seen accuracy: 0.8 after task 0, (0.6 + 0.9) / 2 = 0.75 after task 1.
 R2 = [[0.8, None], [0.6, 0.9]]
@@ -299,3 +300,15 @@ def test_class_weight_rows_are_placed_at_their_training_steps():
     assert run_title(results) == "fmnist-cil · gdro · m=2 · seed 3"
     results["timing"]["tasks"] = []  # stopped in its first task: rows as recorded
     assert weight_steps(results)[0].tolist() == [0, 1, 2, 3]
+
+
+def test_results_of_every_known_schema_version_are_read_and_a_newer_one_is_refused(tmp_path, capsys):
+    from clipcl.report import RESULTS_SCHEMA
+
+    old = write_run(tmp_path / "old", make_results())  # written before schema_version existed: version 0
+    new = write_run(tmp_path / "new", {**make_results(), "schema_version": RESULTS_SCHEMA})
+    assert main(["report", str(old), str(new)]) == 0
+    capsys.readouterr()
+    future = write_run(tmp_path / "future", {**make_results(), "schema_version": RESULTS_SCHEMA + 1})
+    err = fail(["report", str(future)], capsys)
+    assert f"schema version {RESULTS_SCHEMA + 1}" in err and str(future / "results.json") in err

@@ -33,7 +33,7 @@ from .memory import ReplayMemory
 from .methods import Method, TaskContext, make_method
 from .models import ClipBundle, create
 from .prompts import DEFAULT_TEMPLATES, class_tokens
-from .report import write_outputs, write_results_json
+from .report import RESULTS_SCHEMA, write_outputs, write_results_json
 from .sampling import STREAM_AUGMENT, seeded
 
 
@@ -488,6 +488,7 @@ class Trainer:
         peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         return {
+            "schema_version": RESULTS_SCHEMA,
             "complete": complete,
             "config": to_dict(self.cfg),
             "scenario": {"kind": sc.kind, "classnames": list(sc.classnames), "class_order": list(sc.class_order),

@@ -21,6 +21,9 @@ from .rundir import RESULTS_NAME
 BENCHMARK_KEYS = ("dataset", "kind", "classes_per_task", "initial_classes", "n_tasks")
 
 
+RESULTS_SCHEMA = 1  # 0: no version field (earlier clipcl); 1: schema_version recorded. Older versions stay readable
+
+
 def write_results_json(results: dict, out_dir: Path) -> None:
     """results.json, written atomically and fsynced: it is the record of the run and outlives a crash."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -247,6 +250,10 @@ def load_results(path: Path) -> dict:
     problem = _shape_problem(data)
     if problem:
         raise ConfigError(f"'{path}' is not a clipcl results.json: {problem}; {fix}")
+    version = data.get("schema_version", 0)  # files written before the field existed are version 0
+    if not isinstance(version, int) or version > RESULTS_SCHEMA:
+        raise ConfigError(f"'{path}' has results schema version {version!r}; this clipcl reads versions 0 to "
+                          f"{RESULTS_SCHEMA}. Compare it with the clipcl that wrote it (or a newer one).")
     return data
 
 
