@@ -86,6 +86,18 @@ def test_sigkill_mid_task_then_resume_is_bit_exact(reference, tmp_path):
     done = run_cli(out, "--resume")
     assert done.returncode == 0, done.stderr
     assert_same_run(out, reference)
+    # the per-step log: the rows written after the checkpoint were dropped and trained again
+    assert log_rows(out) == log_rows(reference)
+
+
+def log_rows(out: Path) -> list[dict]:
+    """log.csv without its timing column (the one thing that differs between two runs of the same steps)."""
+    import csv
+
+    with open(out / "log.csv", newline="") as f:
+        rows = [{k: v for k, v in row.items() if k != "images_per_second"} for row in csv.DictReader(f)]
+    assert len(rows) == 3 * STEPS_PER_TASK
+    return rows
 
 
 DYING_SAVE = """

@@ -49,3 +49,41 @@ def test_channels_last_is_the_same_training_in_another_memory_layout(tmp_path):
     convs = [m.weight for m in cl.bundle.model.visual.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert_same_training(cl.bundle.model.state_dict(), plain.bundle.model.state_dict())
+
+
+def _counting_encode_text(monkeypatch) -> list[int]:
+    """Rows of class texts encoded by open_clip's encode_text, call by call."""
+    from open_clip.model import CLIP
+
+    calls: list[int] = []
+    original = CLIP.encode_text
+
+    def counted(self, text, normalize=False):
+        calls.append(len(text))
+        return original(self, text, normalize=normalize)
+
+    monkeypatch.setattr(CLIP, "encode_text", counted)
+    return calls
+
+
+def test_a_frozen_text_tower_is_encoded_once_per_task_with_the_same_training(tmp_path, monkeypatch):
+    """model.lock_text: the class texts are encoded once when the task starts, not at every step, and the
+    training is the one that encodes them at every step (the cache disabled)."""
+    from clipcl.methods import Method
+
+    for method in ("er", "gdro", "lwf"):
+        calls = _counting_encode_text(monkeypatch)
+        cached = _trained(tmp_path / f"{method}-cached", f"method.name={method}", steps=4)
+        assert calls == [len(cached.scenario.classnames)], (method, calls)  # one call over every class
+        with monkeypatch.context() as m:
+            m.setattr(Method, "frozen_text", lambda self, model, device: None)
+            every_step = _trained(tmp_path / f"{method}-plain", f"method.name={method}", steps=4)
+        assert len(calls) > 4  # the plain path encodes at every step
+        assert_same_training(cached.bundle.model.state_dict(), every_step.bundle.model.state_dict())
+
+
+def test_a_training_text_tower_is_encoded_at_every_step(tmp_path, monkeypatch):
+    calls = _counting_encode_text(monkeypatch)
+    tr = _trained(tmp_path, "model.lock_text=false", steps=3)
+    assert len(calls) == 3
+    assert tr.method.frozen_text(tr.model, tr.device) is None

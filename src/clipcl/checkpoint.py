@@ -68,12 +68,20 @@ def read(path: Path, mmap: bool = False) -> dict[str, Any]:
 def load(path: Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load a checkpoint, checking that it is whole, of this format, and (if given) of the same config."""
     state = read(path)
-    if config is not None and state.get("config") != config:
-        diff = _config_diff(state.get("config") or {}, config)
+    if config is not None and comparable(state.get("config") or {}) != comparable(config):
+        diff = _config_diff(comparable(state.get("config") or {}), comparable(config))
         raise CheckpointError(f"checkpoint '{path}' was written by a run with another config ({diff}). Resume "
                               "with 'clipcl resume DIR' (it uses the stored config), or start a new run in "
                               "another folder.")
     return state
+
+
+RESUME_FREE = ("log",)  # config sections a resumed run may change: they do not change what is trained
+
+
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config that must not change when a run is resumed."""
+    return {k: v for k, v in config.items() if k not in RESUME_FREE}
 
 
 def _first_line(e: BaseException) -> str:

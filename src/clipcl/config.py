@@ -132,6 +132,16 @@ class EvalCfg:
 
 
 @dataclass(frozen=True)
+class LogCfg:
+    """The per-step log (log.csv, always) and the trackers it also feeds. May change when a run is resumed."""
+
+    every: int = 1  # a row every N training steps of a task (and its last step)
+    tensorboard: bool = False  # also write TensorBoard events into <out>/tensorboard (needs the tensorboard package)
+    wandb: bool = False  # also log to Weights & Biases (needs the wandb package and its login)
+    wandb_project: str = "clipcl"
+
+
+@dataclass(frozen=True)
 class RunCfg:
     """A whole run."""
 
@@ -146,6 +156,7 @@ class RunCfg:
     optim: OptimCfg = field(default_factory=OptimCfg)
     method: MethodCfg = field(default_factory=MethodCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    log: LogCfg = field(default_factory=LogCfg)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -252,6 +263,7 @@ def validate(cfg: RunCfg) -> None:
     _check(me.distill_temp > 0, "method.distill_temp", me.distill_temp, "must be positive")
     _check(me.label_weight >= 0, "method.label_weight", me.label_weight, "must be 0 or more")
     _check(me.telemetry_every >= 1, "method.telemetry_every", me.telemetry_every, "must be at least 1")
+    _check(cfg.log.every >= 1, "log.every", cfg.log.every, "must be at least 1 (a row every N steps)")
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be 0 (per task) or more")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be at least 1")
     # Without held-out images a val evaluation would have nothing to measure: every row of R would be empty.

@@ -28,6 +28,7 @@ from .errors import Interrupted, NonFiniteLoss
 from .evaluate import (accuracy_before_training, accuracy_row, metrics, seen_accuracy, split_of, unseen_change,
                        unseen_row)
 from .files import OutputError
+from .logs import StepLog
 from .augment import augment
 from .memory import ReplayMemory
 from .methods import Method, TaskContext, make_method
@@ -162,6 +163,7 @@ class Trainer:
         if cfg.model.compile:
             self.model = torch.compile(self.model)
         self.tokens = class_tokens(self.bundle.tokenizer, list(self.scenario.classnames), DEFAULT_TEMPLATES)[0]
+        self.log = StepLog(cfg.log, self.out_dir, to_dict(cfg), cfg.name, enabled=self.main)  # checks it can
         self.progress_bar = progress_bar
         self._checkpointed: tuple[int, int] | None = None  # (task, step) of the last checkpoint written
         self._signal: int | None = None
@@ -374,6 +376,7 @@ class Trainer:
                 + ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else ""))
         if resume:
             self.load_checkpoint()
+        self.log.open(self.global_step() if resume else None)
         handlers = {}
         if sys.platform != "win32" and self.signals:
             try:
@@ -384,6 +387,7 @@ class Trainer:
             while self.progress.task < len(self.scenario):
                 self._run_task(self.progress.task)
         finally:
+            self.log.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
         results = self.results(complete=True)
@@ -419,15 +423,23 @@ class Trainer:
                    leave=False, dynamic_ncols=True)
         start = time.perf_counter()
         seconds_before = p.train_seconds
+        first = self.global_step() - p.step  # the global step of the task's first step
+        every = cfg.log.every
         while p.step < self._steps:
             positions = self.batch_positions(p.step)
+            step_start = time.perf_counter()
             logged = self.train_step(positions, p.step)
+            step_seconds = time.perf_counter() - step_start
             p.step += 1
             p.images_seen += len(positions)
             p.train_seconds = seconds_before + time.perf_counter() - start
             if logged is not None:
                 p.loss_sum += logged["loss"]
                 p.loss_steps += 1
+                if (p.step - 1) % every == 0 or p.step == self._steps:
+                    self.log.step(first + p.step - 1, t, p.step - 1, logged,
+                                  lr_at(p.step - 1, self._steps, cfg.optim.lr, cfg.optim.warmup_steps),
+                                  len(positions) / max(step_seconds, 1e-9))
                 bar.set_postfix(loss=f"{logged['loss']:.3f}", img_s=f"{p.images_seen / max(p.train_seconds, 1e-9):.0f}")
             bar.update(1)
             if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0 and p.step < self._steps:
@@ -448,6 +460,7 @@ class Trainer:
                          "eval_seconds": round(time.perf_counter() - eval_start, 3), "steps": self._steps,
                          "train_images": p.images_seen,
                          "train_images_per_second": round(p.images_seen / p.train_seconds, 1) if p.train_seconds else None})
+        self.log.task_end(first + self._steps, t, seen_accuracy(p.rows, self.eval_sizes(), t))
         p.task, p.step = t + 1, 0
         self.optimizer = None
         ckpt_seconds = self.save_checkpoint()
@@ -461,6 +474,10 @@ class Trainer:
         cfg = self.cfg
         return unseen_row(self.bundle, self.scenario, trained, cfg.eval.templates, cfg.eval.batch_size, self.device,
                           self.autocast, split=cfg.eval.split)
+
+    def global_step(self) -> int:
+        """Training steps done so far in the run, tasks end to end (the step axis of logs and plots)."""
+        return sum(x.get("steps", 0) for x in self.progress.timing) + self.progress.step
 
     def eval_sizes(self) -> list[int]:
         """Images per task of the split R is computed on (eval.split): the weights of the seen accuracy."""
@@ -505,6 +522,9 @@ class Trainer:
                        "train_images_per_second": round(train_n / train_s, 1) if train_s else None,
                        "peak_memory_bytes": int(peak),
                        "peak_memory_kind": "cuda allocated" if self.device.type == "cuda" else "process max RSS"},
+            "model": {"name": self.cfg.model.name,
+                      "parameters": sum(p.numel() for p in self.bundle.model.parameters()),
+                      "trainable_parameters": sum(p.numel() for p in self.bundle.model.parameters() if p.requires_grad)},
             "memory": {"images": len(self.memory), "bytes": self.memory.nbytes,
                        "per_class": self.memory.counts()},
             "nonfinite_skipped": p.nonfinite_skipped,

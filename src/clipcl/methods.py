@@ -83,14 +83,34 @@ class Batch:
     prompts: torch.Tensor | None = None  # normalised text embeddings of every seen class [K, D] (gcl_form=prompts)
 
 
-def clip_forward(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, autocast: bool = False):
+def clip_forward(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor | None, autocast: bool = False):
     """(z [B, D], t [C, D], scale) through model(images, tokens) (open_clip returns normalised features), the
-    model under bf16 autocast when `autocast`; the outputs are float32, so every loss is computed in float32."""
+    model under bf16 autocast when `autocast`; the outputs are float32, so every loss is computed in float32.
+    tokens None: the image tower only (t is None)."""
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = model(images, tokens)
     if isinstance(out, dict):
         out = (out["image_features"], out["text_features"], out["logit_scale"])
-    return out[0].float(), out[1].float(), out[2].float()
+    return out[0].float(), None if out[1] is None else out[1].float(), out[2].float()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The open_clip model inside DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def text_tower_trains(model: nn.Module) -> bool:
+    """Whether any parameter of the text tower (everything outside `visual` but the logit scale and bias)
+    gets a gradient."""
+    return any(p.requires_grad for n, p in unwrap(model).named_parameters()
+               if not n.startswith("visual.") and n not in ("logit_scale", "logit_bias"))
+
+
+TEXT_CHUNK = 256  # class texts encoded per call: a 1000-class stream is never one batch
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -137,6 +157,7 @@ class Method:
         self.cfg = cfg
         self.task = 0
         self.ctx: TaskContext | None = None
+        self._texts: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # frozen text towers' class texts, this task
 
     # ----------------------------------------------------------------- data
     def training_data(self, ctx: TaskContext) -> tuple[ImageSet, ImageSet | None]:
@@ -156,6 +177,7 @@ class Method:
         """Called whenever the engine enters a task, fresh or resumed: the context of the task."""
         self.ctx = ctx
         self.task = ctx.task
+        self._texts = {}  # encoded again at the task's first step: the model may have changed between tasks
 
     def before_task(self, ctx: TaskContext) -> None:
         """Called once when task ctx.task starts (not on a resume within it)."""
@@ -164,21 +186,43 @@ class Method:
         """Called once when task ctx.task has been trained, before it is evaluated."""
 
     # ----------------------------------------------------------------- the forward
-    def batch_text(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids of the batch's distinct classes and each sample's row among them."""
+    def batch_classes(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's distinct classes and each sample's row among them."""
+        return torch.unique(labels, return_inverse=True)
+
+    def frozen_text(self, model: nn.Module, device: torch.device) -> torch.Tensor | None:
+        """Every class's normalised text embedding [n_classes, D] when the model's text tower does not train
+        (model.lock_text, or a teacher), encoded once per task and per model; None when it trains."""
         assert self.ctx is not None, "attach() a TaskContext first"
-        classes, inv = torch.unique(labels, return_inverse=True)
-        return self.ctx.tokens[classes.cpu()].to(labels.device), inv
+        base = unwrap(model)
+        cached = self._texts.get(id(base))
+        if cached is not None and cached[0] is base:
+            return cached[1]
+        if text_tower_trains(base):
+            return None
+        tokens = self.ctx.tokens.to(device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.ctx.autocast):
+            text = torch.cat([base.encode_text(tokens[i:i + TEXT_CHUNK], normalize=True).float()
+                              for i in range(0, len(tokens), TEXT_CHUNK)])
+        self._texts[id(base)] = (base, text)
+        return text
 
-    def forward(self, model: nn.Module, images: torch.Tensor, tokens: torch.Tensor):
-        """(z, t, scale) of model(images, tokens) under the run's autocast; float32 outputs.
+    def forward(self, model: nn.Module, images: torch.Tensor, classes: torch.Tensor):
+        """(z, t, scale) of model(images, class texts of `classes`) under the run's autocast; float32 outputs.
 
+        A text tower that does not train is not run at every step: its class texts come from frozen_text.
         With several ranks, `images` is this rank's shard and z comes back for the whole global batch (the own
         rows differentiable), t and scale with their gradients divided by the world size: every rank computes
         the loss of the global batch, and the gradients summed over the ranks are those of one process.
         """
         assert self.ctx is not None, "attach() a TaskContext first"
-        z, t, scale = clip_forward(model, images, tokens, self.ctx.autocast)
+        frozen = self.frozen_text(model, images.device)
+        if frozen is not None:
+            z, _, scale = clip_forward(model, images, None, self.ctx.autocast)
+            t = frozen[classes.to(frozen.device)]
+        else:
+            tokens = self.ctx.tokens[classes.cpu()].to(images.device)
+            z, t, scale = clip_forward(model, images, tokens, self.ctx.autocast)
         if self.ctx.shard_sizes is not None:
             z, t, scale = distributed.gather(z, self.ctx.shard_sizes), distributed.shared(t), distributed.shared(scale)
         return z, t, scale
@@ -187,12 +231,11 @@ class Method:
                       extra: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One forward for the batch's class texts and the texts of classes 0..extra-1: (z, text of the batch's
         classes, each sample's row among them, text of the extra classes, scale)."""
-        assert self.ctx is not None
-        tokens, inv = self.batch_text(labels)
-        n = len(tokens)
+        classes, inv = self.batch_classes(labels)
+        n = len(classes)
         if extra:
-            tokens = torch.cat([tokens, self.ctx.tokens[:extra].to(tokens.device)])
-        z, text, scale = self.forward(model, images, tokens)
+            classes = torch.cat([classes, torch.arange(extra, device=classes.device)])
+        z, text, scale = self.forward(model, images, classes)
         return z, text[:n], inv, text[n:], scale
 
     def training_forward(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
@@ -319,7 +362,7 @@ class GCL(ER):
             self.gcl.gamma = self.pgcl.gamma = gamma
         if self.cfg.gcl_form == "prompts":
             n = self.ctx.n_seen
-            z, prompts, scale = self.forward(model, images, self.ctx.tokens[:n].to(images.device))
+            z, prompts, scale = self.forward(model, images, torch.arange(n))
             inv = labels
             batch = Batch(z=z, text=prompts, inv=inv, labels=labels, index=index, logit_scale=scale, step=step,
                           prompts=prompts)
@@ -477,7 +520,7 @@ class LwF(Teacher):
         terms = {"contrastive_loss": clip_loss(z, text, inv, scale)}
         if n_old:
             with torch.no_grad():
-                tz, ttext, tscale = self.forward(self.teacher, images, ctx.tokens[:n_old].to(images.device))
+                tz, ttext, tscale = self.forward(self.teacher, images, torch.arange(n_old))
             kd = distillation(tscale * tz @ ttext.t(), scale * z @ old_text.t(), self.cfg.distill_temp)
             terms["distill_loss"] = self.cfg.distill_weight * kd
         return terms
@@ -549,7 +592,7 @@ class ZSCL(Teacher):
         z, text, inv, ref_text, scale = self.forward_batch(model, images, labels, extra=ctx.n_seen)
         terms = {"contrastive_loss": clip_loss(z, text, inv, scale)}
         with torch.no_grad():
-            tz, ttext, tscale = self.forward(self.teacher, images, ctx.tokens[: ctx.n_seen].to(images.device))
+            tz, ttext, tscale = self.forward(self.teacher, images, torch.arange(ctx.n_seen))
         student, teacher = scale * z @ ref_text.t(), tscale * tz @ ttext.t()
         temp = self.cfg.distill_temp
         kd = distillation(teacher, student, temp) + distillation(teacher.t(), student.t(), temp)
@@ -577,7 +620,7 @@ class SeenClassReplay(ER):
     def seen_logits(self, model, images) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [B, n_seen], z, text of the seen classes, scale)."""
         assert self.ctx is not None
-        z, text, scale = self.forward(model, images, self.ctx.tokens[: self.ctx.n_seen].to(images.device))
+        z, text, scale = self.forward(model, images, torch.arange(self.ctx.n_seen))
         return scale * z @ text.t(), z, text, scale
 
 

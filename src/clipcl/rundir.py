@@ -26,7 +26,8 @@ RESULTS_NAME = "results.json"
 CHECKPOINT_NAME = "checkpoint.pt"
 # Every file a run writes into its folder (checkpoint.py and report.py write them).
 RUN_FILES = (RESULTS_NAME, CHECKPOINT_NAME, "accuracy_matrix.csv", "accuracy.png", "accuracy_matrix.png",
-             "class_weights.png")
+             "class_weights.png", "log.csv")
+TENSORBOARD_DIR = "tensorboard"  # log.tensorboard: event files (events.out.tfevents.*) in this sub-folder
 # What the demo writes beside its runs (one sub-folder per method).
 DEMO_FILES = ("summary.md", "comparison.png")
 
@@ -150,6 +151,13 @@ def _remove_run_files(folder: Path) -> list[str]:
         for stale in folder.glob(f".{name}.tmp-*"):
             if stale.is_symlink() or stale.is_file():
                 stale.unlink()
+    events = folder / TENSORBOARD_DIR
+    if events.is_dir() and not events.is_symlink():
+        for p in events.glob("events.out.tfevents.*"):
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+        if not any(events.iterdir()):
+            events.rmdir()
     return sorted(p.name for p in folder.iterdir())
 
 
