@@ -39,10 +39,16 @@ test-slow: setup
 bench: setup
 	$(BIN)/python benchmarks/throughput.py
 
-# The memory-size study of the README (about 30 minutes per benchmark on 2 cores; finished runs are reused).
+# The method study of the README (the grid src/clipcl/grids/method-study.yaml, 125 runs per benchmark; about
+# 100 minutes for the three on 2 cores). Run again, it skips finished runs and resumes stopped ones.
+SWEEP := $(BIN)/clipcl sweep --jobs 2 --threads-per-job 1
 study: setup
-	$(BIN)/python benchmarks/memory_study.py --benchmark fmnist-cil scenario.train_per_class=500
-	$(BIN)/python benchmarks/memory_study.py --benchmark fmnist-dil scenario.train_per_class=100
+	$(SWEEP) fmnist-cil method-study scenario.train_per_class=500 --out benchmarks/out/sweep-fmnist-cil
+	$(BIN)/clipcl report benchmarks/out/sweep-fmnist-cil --out benchmarks/results/report-fmnist-cil
+	$(SWEEP) fmnist-pre-cil method-study scenario.train_per_class=500 --out benchmarks/out/sweep-fmnist-pre-cil
+	$(BIN)/clipcl report benchmarks/out/sweep-fmnist-pre-cil --out benchmarks/results/report-fmnist-pre-cil
+	$(SWEEP) fmnist-dil method-study scenario.train_per_class=100 --out benchmarks/out/sweep-fmnist-dil
+	$(BIN)/clipcl report benchmarks/out/sweep-fmnist-dil --out benchmarks/results/report-fmnist-dil
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -87,3 +87,58 @@ def test_a_training_text_tower_is_encoded_at_every_step(tmp_path, monkeypatch):
     tr = _trained(tmp_path, "model.lock_text=false", steps=3)
     assert len(calls) == 3
     assert tr.method.frozen_text(tr.model, tr.device) is None
+
+
+def _counting_encode_image(monkeypatch) -> list[int]:
+    from open_clip.model import CLIP
+
+    calls: list[int] = []
+    original = CLIP.encode_image
+
+    def counted(self, image, normalize=False):
+        calls.append(len(image))
+        return original(self, image, normalize=normalize)
+
+    monkeypatch.setattr(CLIP, "encode_image", counted)
+    return calls
+
+
+def _run(tmp_path: Path, *overrides: str) -> dict:
+    cfg = load_config("fmnist-cil", [*TINY, "scenario.n_tasks=3", *overrides])
+    return Trainer(cfg, tmp_path, progress_bar=False, quiet=True).run()
+
+
+def test_evaluation_encodes_each_test_image_once_while_the_image_tower_is_unchanged(tmp_path, monkeypatch):
+    """model.lock_image on a ViT (no BatchNorm): the image tower never changes, so each task's test images are
+    encoded once in the whole run, and the accuracies are those of encoding them every time."""
+    from clipcl import evaluate
+
+    args = ("model.name=clipcl-tiny-vit", "model.lock_text=false", "model.lock_image=true", "eval.batch_size=7")
+    calls = _counting_encode_image(monkeypatch)
+    cached = _run(tmp_path / "cached", *args)
+    test_images = 3 * 2 * 10  # 3 tasks of 2 classes x 10 test images
+    eval_calls = [n for n in calls if n <= 7]  # evaluation batches are of 7; training batches of 16 (+16)
+    assert sum(eval_calls) == test_images
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "eval_image_features", evaluate.image_features)
+        plain = _run(tmp_path / "plain", *args)
+    assert cached["accuracy_matrix"] == plain["accuracy_matrix"]
+    assert cached["accuracy_before_training"] == plain["accuracy_before_training"]
+
+
+def test_evaluation_encodes_again_when_batchnorm_statistics_change(tmp_path, monkeypatch):
+    """model.lock_image on the ResNet: its BatchNorm statistics still move in training, so every row encodes
+    the test images again; the matrix equals the uncached one."""
+    from clipcl import evaluate
+
+    args = ("model.lock_text=false", "model.lock_image=true")
+    cached = _run(tmp_path / "cached", *args)
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "eval_image_features", evaluate.image_features)
+        plain = _run(tmp_path / "plain", *args)
+    assert cached["accuracy_matrix"] == plain["accuracy_matrix"]
+    tr = Trainer(load_config("fmnist-cil", [*TINY, *args]), tmp_path / "x", progress_bar=False, quiet=True)
+    before = evaluate.image_tower_state(tr.bundle.model)
+    tr.start_task(0)
+    tr.train_step(tr.batch_positions(0), 0)
+    assert evaluate.image_tower_state(tr.bundle.model) != before

@@ -1,4 +1,4 @@
-"""The command line: clipcl run | resume | demo | report | list.
+"""The command line: clipcl run | resume | sweep | demo | report | list.
 
 Only the light modules (config, rundir, checkpoint names, files, errors) are imported at start-up, so that
 `clipcl --help` and every mistake in the command answer at once; torch comes with the commands that train.
@@ -77,6 +77,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from . import sweep  # subprocesses and threads only: the cells import torch, this process does not
+
+    return sweep.run(args.config, args.grid, args.overrides, Path(args.out), jobs=args.jobs,
+                     threads=args.threads_per_job)
+
+
 def demo_config(overrides: list[str]) -> RunCfg:
     """The embedded demo: fmnist-cil with 10 images per class in memory."""
     return load_config("fmnist-cil", ["memory.per_class=10", *overrides])
@@ -118,19 +125,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import collect_runs, plot_comparison, summary_table
+    from .html_report import check_out_folder, plot_seen_accuracy, write_report
+    from .report import plot_comparison, summary_table
+    from .summary import averages_over_seeds, choose_baselines, collect, group_runs, summarize, to_markdown
 
     plot = Path(args.plot) if args.plot else None
     if plot and (plot.is_dir() or not plot.parent.is_dir()):  # refuse before anything is printed or written
         why = ("is a folder; give a file name in it, e.g. " + str(plot / "comparison.png") if plot.is_dir() else
                f"is in a folder that does not exist ('{plot.parent}'); create the folder or choose another path")
         raise ConfigError(f"--plot '{plot}' {why}.")
-    runs, warnings = collect_runs(args.dirs)
-    for w in warnings:
-        print(f"clipcl: warning: {w}", file=sys.stderr)
-    print(summary_table(runs))
-    if plot:
-        plot_comparison(runs, plot)  # an unwritable path is an OutputError, which main reports in one line
+    if args.out:
+        check_out_folder(Path(args.out))
+    runs, warnings, unique = collect(args.dirs)
+    benches = group_runs(unique)
+    choose_baselines(benches, args.baseline)
+    summary = summarize(benches)
+    grouped = averages_over_seeds(benches)
+    if grouped:  # groups of seeds: their means, differences and budgets (benchmarks apart, so no warnings)
+        print(to_markdown(summary))
+    else:  # one run per config: the per-run table, with what makes the runs not comparable
+        for w in warnings:
+            print(f"clipcl: warning: {w}", file=sys.stderr)
+        print(summary_table(runs))
+    if plot and grouped:  # an unwritable path is an OutputError, which main reports in one line
+        plot_seen_accuracy(benches, plot)
+    elif plot:
+        plot_comparison(runs, plot)
+    if args.out:
+        write_report(summary, Path(args.out))
+        print(f"clipcl: report in {Path(args.out) / 'report.md'} and report.html", file=sys.stderr)
     return 0
 
 
@@ -182,6 +205,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("benchmarks (clipcl run NAME):")
         for k, v in list_benchmarks().items():
             print(f"  {k:20s} {v}")
+    if what in (None, "grids"):
+        from .sweep import list_grids
+
+        print("grids (clipcl sweep CONFIG NAME):")
+        for k, v in list_grids().items():
+            print(f"  {k:20s} {v}")
     if what in (None, "models"):
         print("tiny CPU models: " + ", ".join(TINY_MODELS))
         if what == "models":
@@ -215,6 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("dir", help="the run's folder (holding checkpoint.pt)")
     rs.add_argument("--quiet", action="store_true", help="no progress lines, only warnings and errors")
     rs.set_defaults(fn=cmd_resume)
+    sw = sub.add_parser("sweep", help="a grid of runs: clipcl sweep CONFIG GRID --out DIR [--jobs N]")
+    sw.add_argument("config", help="a YAML file or a shipped benchmark name (clipcl list benchmarks)")
+    sw.add_argument("grid", help="a grid YAML file (overrides, variants, grid) or a shipped grid (clipcl list grids)")
+    sw.add_argument("overrides", nargs="*", help="dotted overrides for every cell, e.g. scenario.train_per_class=500")
+    sw.add_argument("--out", required=True, help="the sweep's folder: one run folder per cell, sweep.json, logs/")
+    sw.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
+    sw.add_argument("--threads-per-job", type=int, default=None,
+                    help="OMP_NUM_THREADS of each cell (default: the CPU count divided by --jobs)")
+    sw.set_defaults(fn=cmd_sweep)
     b = sub.add_parser("bench", help="train and evaluation images/s, FLOPs, MFU and memory of a config")
     b.add_argument("config", help="a YAML file or a shipped benchmark name (clipcl list benchmarks)")
     b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.name=ViT-B-16 method.name=gdro")
@@ -228,12 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true", help="replace the demo output in --out")
     d.add_argument("--quiet", action="store_true", help="no progress lines, only warnings and errors")
     d.set_defaults(fn=cmd_demo)
-    rp = sub.add_parser("report", help="compare runs: clipcl report DIR [DIR ...]")
-    rp.add_argument("dirs", nargs="+")
+    rp = sub.add_parser("report", help="compare runs, grouped over seeds: clipcl report DIR [DIR ...] [--out FOLDER]")
+    rp.add_argument("dirs", nargs="+", help="run folders, results.json files, or folders holding runs at any depth")
+    rp.add_argument("--out", default="", help="write report.md, a self-contained report.html and their plots here")
+    rp.add_argument("--baseline", default=None, help="the group paired differences are taken against: a group "
+                    "label or config values, e.g. method.name=er (the default)")
     rp.add_argument("--plot", default="", help="also write a comparison plot to this PNG")
     rp.set_defaults(fn=cmd_report)
     ls = sub.add_parser("list", help="models, datasets, benchmarks, methods, config keys")
-    ls.add_argument("what", nargs="?", choices=["models", "datasets", "benchmarks", "methods", "keys"])
+    ls.add_argument("what", nargs="?", choices=["models", "datasets", "benchmarks", "methods", "keys",
+                                                     "grids"])
     ls.set_defaults(fn=cmd_list)
     return p
 
@@ -266,5 +308,19 @@ def main(argv: list[str] | None = None) -> int:
                 dist.destroy_process_group()
 
 
+def entry() -> None:
+    """The `clipcl` command: main(), then the exit handlers (child processes, progress bars), and an exit that
+    skips the interpreter's teardown of torch and open_clip's modules (about a second of every run's fixed
+    cost; every file a run writes is written and synced before main returns)."""
+    import atexit
+    import os
+
+    rc = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -51,6 +51,29 @@ def candidate_text(bundle, classnames: Sequence[str], templates: str, device: to
         return text_features(bundle.model, tokens.to(device)).float()
 
 
+def image_tower_state(model: torch.nn.Module) -> tuple:
+    """What identifies the image tower's current weights and buffers: each tensor and its version counter,
+    which every in-place change (an optimiser step, BatchNorm statistics, load_state_dict) increments."""
+    visual = model.visual
+    return tuple((id(t), t._version) for t in (*visual.parameters(), *visual.buffers()))
+
+
+def eval_image_features(bundle, data: ImageSet, batch_size: int, device: torch.device,
+                        autocast: bool = False) -> torch.Tensor:
+    """image_features of an evaluation set, kept while the image tower does not change (model.lock_image, a
+    method that does not train, the rows of one task): each test image is encoded once per tower state."""
+    state = image_tower_state(bundle.model)
+    cache = bundle.eval_features
+    if cache.get("state") != state:
+        cache.clear()
+        cache["state"] = state
+    key = (id(data), len(data), batch_size, autocast, bundle.model.training)
+    hit = cache.get(key)
+    if hit is None or hit[0] is not data:
+        hit = cache[key] = (data, image_features(bundle, data, batch_size, device, autocast))
+    return hit[1]
+
+
 @torch.no_grad()
 def task_accuracy(bundle, data: ImageSet, text: torch.Tensor, batch_size: int, device: torch.device,
                   autocast: bool = False) -> float | None:
@@ -62,7 +85,8 @@ def task_accuracy(bundle, data: ImageSet, text: torch.Tensor, batch_size: int, d
         data = data.subset(mine)
     correct = 0.0
     if len(data):  # a rank's share is empty when a task has fewer images than there are ranks
-        z = image_features(bundle, data, batch_size, device, autocast)
+        z = (eval_image_features(bundle, data, batch_size, device, autocast) if not distributed.active()
+             else image_features(bundle, data, batch_size, device, autocast))
         correct = float(((z @ text.t()).argmax(1).cpu().numpy() == data.targets).sum())
     correct, total = distributed.all_sum([correct, float(len(data))], device).tolist()
     return correct / total

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import open_clip
@@ -44,6 +44,8 @@ class ClipBundle:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     channels_last: bool = False  # prepared images in channels-last memory format (model.channels_last)
+    # evaluation's image embeddings while the image tower is unchanged (evaluate.task_accuracy)
+    eval_features: dict = field(default_factory=dict, repr=False)
 
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, C, H, W] (C = 1 or 3, any size) -> normalised float input at the model's size."""

@@ -88,27 +88,33 @@ def _save(fig, path: Path) -> None:
 
 def plot_run(results: dict, out_dir: Path) -> None:
     """accuracy.png (accuracy on seen data after each task), accuracy_matrix.png, class_weights.png (gdro)."""
-    plt = _plt()
     R = results["accuracy_matrix"]
     name = results["config"]["method"]["name"]
     if R:
         plot_comparison({name: results}, out_dir / "accuracy.png", title=run_title(results))
         M = np.array([[np.nan if v is None else 100 * v for v in row] for row in R], dtype=float)
-        fig, ax = plt.subplots(figsize=(1 + 0.6 * M.shape[1], 1 + 0.5 * M.shape[0]))
-        im = ax.imshow(M, vmin=0, vmax=100, cmap="viridis")
-        for (i, j), v in np.ndenumerate(M):
-            if not np.isnan(v):
-                ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="w" if v < 60 else "k", fontsize=8)
-        ax.set_xticks(range(M.shape[1]), [str(j + 1) for j in range(M.shape[1])])
-        ax.set_yticks(range(M.shape[0]), [str(t + 1) for t in range(M.shape[0])])
-        ax.set_xlabel("test task j")
-        ax.set_ylabel("after training task t")
-        ax.set_title(f"R[t, j] (%)\n{run_title(results)}", fontsize=9)
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        _save(fig, out_dir / "accuracy_matrix.png")
+        plot_matrix(M, f"R[t, j] (%)\n{run_title(results)}", out_dir / "accuracy_matrix.png")
     if results.get("class_weights"):
         plot_class_weights(results, out_dir / "class_weights.png")
+
+
+def plot_matrix(M: np.ndarray, title: str, path: Path, extra: tuple[float, float] = (1.0, 1.0),
+                fontsize: int = 9) -> None:
+    """Heatmap of an accuracy matrix in % (nan: no entry), tasks numbered from 1, values written in the cells."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(extra[0] + 0.6 * M.shape[1], extra[1] + 0.5 * M.shape[0]))
+    im = ax.imshow(M, vmin=0, vmax=100, cmap="viridis")
+    for (i, j), v in np.ndenumerate(M):
+        if not np.isnan(v):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="w" if v < 60 else "k", fontsize=8)
+    ax.set_xticks(range(M.shape[1]), [str(j + 1) for j in range(M.shape[1])])
+    ax.set_yticks(range(M.shape[0]), [str(t + 1) for t in range(M.shape[0])])
+    ax.set_xlabel("test task j")
+    ax.set_ylabel("after training task t")
+    ax.set_title(title, fontsize=fontsize)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    _save(fig, path)
 
 
 def weight_steps(results: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,306 @@
+"""The report folder of `clipcl report --out`: report.md, a self-contained report.html and the plots.
+
+report.html needs nothing but itself: the plots are embedded as base64 PNG data URIs, the style is inline,
+and there is no script and no link to load. Every file is written through clipcl.files (temporary file,
+then rename), and the folder may hold nothing but an earlier report's files: a user's file is never
+replaced.
+"""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import numpy as np
+
+from .config import ConfigError
+from .files import clear_stale_temporaries, write_text
+from .report import _plt, _save, plot_class_weights, plot_matrix
+from .summary import Benchmark, Figure, Group, Run, Summary, Table, to_markdown
+
+REPORT_FILES = ("report.md", "report.html")
+FIGURE_PREFIX = "fig-"  # the plots this module writes; earlier ones of that name are replaced or removed
+
+
+def _ours(p: Path) -> bool:
+    """Whether p is a file an earlier report wrote: report.md, report.html, a PNG, or one's leftover temporary."""
+    if p.is_dir() and not p.is_symlink():
+        return False
+    name = p.name
+    if name.startswith(".") and ".tmp-" in name:  # files.atomic_write's temporary of a killed writer
+        name = name[1:name.index(".tmp-")]
+    return name in REPORT_FILES or name.lower().endswith(".png")
+
+
+def check_out_folder(folder: Path) -> None:
+    """Refuse (ConfigError) an --out that is a file or a folder holding anything but an earlier report."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--out '{folder}' is a file; give a folder for report.md and report.html (new, or "
+                          "holding an earlier report).")
+    if folder.is_dir():
+        foreign = sorted(p.name for p in folder.iterdir() if not _ours(p))
+        if foreign:
+            raise ConfigError(f"--out '{folder}' holds files a report did not write ({', '.join(foreign[:5])}"
+                              f"{', ...' if len(foreign) > 5 else ''}); give a new folder, or one holding only "
+                              "an earlier report's report.md, report.html and PNG files.")
+
+
+def _rows(run: Run) -> np.ndarray:
+    """R of a run in %, None as nan."""
+    R = run.results["accuracy_matrix"]
+    return np.array([[np.nan if v is None else 100 * v for v in row] for row in R], dtype=float)
+
+
+def _seen(run: Run) -> list[float]:
+    """Accuracy on seen data after each task, in %."""
+    from .evaluate import seen_accuracy
+
+    sc = run.results["scenario"]
+    sizes = sc.get("eval_sizes") or sc["test_sizes"]
+    R = run.results["accuracy_matrix"]
+    return [100 * seen_accuracy(R, sizes, t) for t in range(len(R))]
+
+
+def task_forgetting(R: np.ndarray) -> np.ndarray:
+    """Forgetting of each task j < T (T the last step): f_j = max_{j <= t < T} R[t, j] - R[T, j]."""
+    T = len(R) - 1
+    return np.array([np.nanmax(R[j:T, j]) - R[T, j] for j in range(T)], dtype=float)
+
+
+def _memory(cfg: dict) -> str:
+    mem = cfg.get("memory") or {}
+    if mem.get("bytes"):
+        return f"memory {mem['bytes']} bytes"
+    if mem.get("total"):
+        return f"memory {mem['total']} images"
+    return f"m={mem.get('per_class', '?')}"
+
+
+def group_title(bench: Benchmark, g: Group) -> str:
+    """'benchmark · method · memory · seeds ...' of a group, for plot titles."""
+    cfg = g.runs[0].results["config"]
+    seeds = ", ".join(str(s) for s in g.seeds) or "none complete"
+    return f"{bench.name} · {(cfg.get('method') or {}).get('name', '?')} · {_memory(cfg)} · seeds {seeds}"
+
+
+def _colours(n: int) -> list:
+    """n distinguishable colours: matplotlib's 10 by default, tab20 up to 20, a colormap beyond."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    return [colormaps["tab20"](i) for i in range(n)] if n <= 20 else list(colormaps["turbo"](np.linspace(0, 1, n)))
+
+
+# Plot layout in inches: a panel's title, its axes, the x label under them, one legend line, the figure width.
+TITLE_IN, AXES_IN, XLABEL_IN, LINE_IN, WIDTH_IN = 0.85, 3.2, 0.55, 0.15, 9.0
+
+
+def _wrap(label: str, width: int = 125) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(label, width)) or label
+
+
+def _panels(plt, legends: list[list[str]]):
+    """A figure with one panel per legend, stacked, each with room for its legend under the axes (long group
+    labels never cover the data nor squeeze the axes); returns (figure, axes)."""
+    blocks = [TITLE_IN + AXES_IN + XLABEL_IN + LINE_IN * sum(label.count("\n") + 1 for label in labels) + 0.15
+              for labels in legends]
+    height = sum(blocks)
+    fig = plt.figure(figsize=(WIDTH_IN, height))
+    axes, top = [], height
+    for block in blocks:
+        bottom = top - TITLE_IN - AXES_IN
+        axes.append(fig.add_axes((0.8 / WIDTH_IN, bottom / height, (WIDTH_IN - 1.1) / WIDTH_IN, AXES_IN / height)))
+        top -= block
+    return fig, axes
+
+
+def _legend_below(ax, entries: int) -> None:
+    if entries:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -XLABEL_IN / AXES_IN), frameon=False,
+                  borderaxespad=0)
+
+
+def _legend_labels(groups: list[Group]) -> list[str]:
+    return [_wrap(f"{g.label} (n={len(g.averaged)})") for g in groups]
+
+
+def shared_title(bench: Benchmark) -> str:
+    """'method · memory · seeds' where the plotted groups share them (else what varies), for plot titles."""
+    drawn = [g for g in bench.groups if g.averaged]
+    cfgs = [g.runs[0].results["config"] for g in drawn]
+    methods = sorted({str((c.get("method") or {}).get("name", "?")) for c in cfgs})
+    memories = sorted({_memory(c) for c in cfgs})
+    seeds = sorted({", ".join(map(str, g.seeds)) for g in drawn})
+    return " · ".join([f"method {methods[0]}" if len(methods) == 1 else "methods " + ", ".join(methods),
+                       memories[0] if len(memories) == 1 else "memory varies",
+                       f"seeds {seeds[0]}" if len(seeds) == 1 else "seeds per group: n in the legend"])
+
+
+def draw_seen_accuracy(ax, bench: Benchmark) -> None:
+    """Accuracy on seen data after each task per group: the mean over seeds, the band from min to max."""
+    longest = 0
+    drawn = [g for g in bench.groups if g.averaged]
+    for g, colour, label in zip(drawn, _colours(len(drawn)), _legend_labels(drawn)):
+        S = np.array([_seen(r) for r in g.averaged])
+        x = np.arange(1, S.shape[1] + 1)
+        longest = max(longest, S.shape[1])
+        ax.plot(x, S.mean(0), marker="o", ms=3, color=colour, label=label)
+        if len(S) > 1:
+            ax.fill_between(x, S.min(0), S.max(0), color=colour, alpha=0.15, lw=0)
+    ax.set_xticks(range(1, longest + 1))
+    ax.set_xlabel("after task")
+    ax.set_ylabel("accuracy on seen data (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"Benchmark {bench.number}: {bench.name} ({bench.description})\n{_wrap(shared_title(bench))}\n"
+                 "accuracy on seen data: mean over seeds; band: min to max", fontsize=9)
+    _legend_below(ax, len(drawn))
+
+
+def plot_seen_accuracy(benches: list[Benchmark], path: Path) -> None:
+    """One panel per benchmark: accuracy on seen data after each task, per group (mean, min-max band)."""
+    plt = _plt()
+    fig, axes = _panels(plt, [_legend_labels([g for g in b.groups if g.averaged]) for b in benches])
+    for ax, bench in zip(axes, benches):
+        draw_seen_accuracy(ax, bench)
+    _save(fig, path)
+
+
+def _plot_matrix(bench: Benchmark, g: Group, path: Path) -> None:
+    """Heatmap of R[t, j] averaged over the group's seeds."""
+    stack = np.stack([_rows(r) for r in g.averaged])
+    seen = (~np.isnan(stack)).sum(0)  # entries no run has (future tasks in CIL) stay blank
+    M = np.where(seen > 0, np.nansum(stack, axis=0) / np.maximum(seen, 1), np.nan)
+    plot_matrix(M, f"R[t, j] (%), mean over seeds\n{_wrap(g.label, 60)}\n{_wrap(group_title(bench, g), 60)}", path,
+                extra=(2.5, 1.6), fontsize=8)
+
+
+def _plot_forgetting(bench: Benchmark, path: Path) -> bool:
+    """Forgetting of each task, one bar per group (mean over seeds, error bar: sample std); False if no task
+    can be forgotten (a single task)."""
+    plt = _plt()
+    drawn = [(g, np.stack([task_forgetting(_rows(r)) for r in g.averaged])) for g in bench.groups if g.averaged]
+    drawn = [(g, F) for g, F in drawn if F.shape[1]]
+    if not drawn:
+        return False
+    n_tasks = max(F.shape[1] for _, F in drawn)
+    width = 0.8 / len(drawn)
+    labels = _legend_labels([g for g, _ in drawn])
+    fig, (ax,) = _panels(plt, [labels])
+    for i, ((g, F), colour, label) in enumerate(zip(drawn, _colours(len(drawn)), labels)):
+        x = np.arange(1, F.shape[1] + 1) - 0.4 + width * (i + 0.5)
+        err = F.std(0, ddof=1) if len(F) > 1 else None
+        ax.bar(x, F.mean(0), width, yerr=err, capsize=1, color=colour, error_kw={"lw": 0.6}, label=label)
+    ax.set_xticks(range(1, n_tasks + 1))
+    ax.set_xlabel("task j (forgotten by the end of the stream)")
+    ax.set_ylabel("forgetting max_t R[t, j] - R[T, j] (points)")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(f"Benchmark {bench.number}: {bench.name} ({bench.description})\n{_wrap(shared_title(bench))}\n"
+                 "forgetting per task: mean over seeds; error bars: sample std", fontsize=9)
+    _legend_below(ax, len(drawn))
+    _save(fig, path)
+    return True
+
+
+def draw_figures(summary: Summary, folder: Path) -> dict[int, list[Figure]]:
+    """Write every plot into folder; benchmark number -> its figures, in the order they are shown."""
+    figures: dict[int, list[Figure]] = {}
+    for s in summary.sections:
+        bench, b = s.benchmark, s.benchmark.number
+        out = figures.setdefault(b, [])
+        if not any(g.averaged for g in bench.groups):
+            continue
+        name = f"{FIGURE_PREFIX}b{b}-seen-accuracy.png"
+        plot_seen_accuracy([bench], folder / name)
+        out.append(Figure(name, f"Benchmark {b}: accuracy on seen data after each task (mean over seeds, band "
+                                "from min to max)"))
+        name = f"{FIGURE_PREFIX}b{b}-forgetting.png"
+        if _plot_forgetting(bench, folder / name):
+            out.append(Figure(name, f"Benchmark {b}: forgetting per task (mean over seeds, error bars: sample std)"))
+        for i, g in enumerate(bench.groups, 1):
+            if g.averaged:
+                name = f"{FIGURE_PREFIX}b{b}-g{i}-matrix.png"
+                _plot_matrix(bench, g, folder / name)
+                out.append(Figure(name, f"Benchmark {b}, {g.label}: accuracy matrix R[t, j], mean over seeds "
+                                        f"{', '.join(map(str, g.seeds))}"))
+        for i, g in enumerate(bench.groups, 1):
+            weighted = [r for r in g.averaged or g.runs if r.results.get("class_weights")]
+            if weighted:
+                name = f"{FIGURE_PREFIX}b{b}-g{i}-class-weights.png"
+                plot_class_weights(weighted[0].results, folder / name)
+                out.append(Figure(name, f"Benchmark {b}, {g.label}: DRO class weights over training steps, run "
+                                        f"{weighted[0].label} (seed {weighted[0].seed})"))
+    return figures
+
+
+STYLE = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em auto; max-width: 1150px;
+       padding: 0 1em; color: #1a1a1a; background: #fff; line-height: 1.45; }
+h1 { border-bottom: 2px solid #3b6ea5; padding-bottom: .2em; }
+h2 { margin-top: 2em; color: #24476b; border-bottom: 1px solid #ccd; }
+h3 { margin-top: 1.4em; font-size: 1.05em; }
+table { border-collapse: collapse; margin: .5em 0 1em; font-size: .9em; }
+th, td { border: 1px solid #bbc; padding: .25em .6em; text-align: right; white-space: nowrap; }
+th { background: #e8eef6; }
+.text { text-align: left; white-space: normal; min-width: 10em; max-width: 30em; }
+div.wide { overflow-x: auto; }
+tbody tr:nth-child(even) { background: #f6f8fb; }
+p.note { background: #fff7e0; border-left: 4px solid #e0a800; padding: .4em .8em; }
+figure { display: inline-block; margin: .5em 1em 1em 0; vertical-align: top; }
+figure img { max-width: 100%; border: 1px solid #dde; }
+figcaption { font-size: .85em; color: #444; max-width: 640px; }
+"""
+
+
+TEXT_COLUMNS = ("group", "baseline", "run", "why", "device")  # left-aligned and wrapped; numbers are not
+
+
+def _html_table(t: Table) -> list[str]:
+    e = html.escape
+    cls = ['' if h not in TEXT_COLUMNS else ' class="text"' for h in t.header]
+    out = [f"<h3>{e(t.title)}</h3>", '<div class="wide"><table>',
+           "<thead><tr>" + "".join(f"<th{c}>{e(h)}</th>" for c, h in zip(cls, t.header)) + "</tr></thead>", "<tbody>"]
+    out += ["<tr>" + "".join(f"<td{c}>{e(v)}</td>" for c, v in zip(cls, row)) + "</tr>" for row in t.rows]
+    out += ["</tbody>", "</table></div>"]
+    return out + ([f"<p>{e(t.note)}</p>"] if t.note else [])
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def to_html(summary: Summary, figures: dict[int, list[Figure]], folder: Path) -> str:
+    """The report as one HTML page with its plots embedded (read from folder), its style inline."""
+    e = html.escape
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           f"<title>{e(summary.title)}</title>", f"<style>{STYLE}</style>", "</head>", "<body>",
+           f"<h1>{e(summary.title)}</h1>"]
+    out += [f"<p>{e(p)}</p>" for p in summary.intro]
+    for s in summary.sections:
+        out.append(f"<h2>{e(s.title)}</h2>")
+        out += [f'<p class="note">Note: {e(n)}</p>' for n in s.notes]
+        for t in s.tables:
+            out += _html_table(t)
+        for f in figures.get(s.benchmark.number, []):
+            out.append(f'<figure><img src="{_data_uri(folder / f.file)}" alt="{e(f.caption)}">'
+                       f"<figcaption>{e(f.caption)}</figcaption></figure>")
+    return "\n".join(out + ["</body>", "</html>"]) + "\n"
+
+
+def write_report(summary: Summary, folder: Path) -> None:
+    """folder/report.md, folder/report.html and the plots (check_out_folder first, before anything else)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    clear_stale_temporaries(folder, REPORT_FILES)
+    figures = draw_figures(summary, folder)
+    write_text(folder / "report.md", to_markdown(summary, figures))
+    write_text(folder / "report.html", to_html(summary, figures, folder))
+    current = {f.file for fs in figures.values() for f in fs}
+    for p in folder.glob(f"{FIGURE_PREFIX}*.png"):  # an earlier report's plots that this one does not have
+        if p.name not in current and (p.is_file() or p.is_symlink()):
+            p.unlink()

@@ -1,0 +1,518 @@
+"""`clipcl sweep CONFIG GRID --out DIR`: a grid of runs over any config keys, one after another or N at a time.
+
+A grid file (YAML, read with yaml.safe_load) has three optional sections:
+
+    # Method study: ...                       <- the first comment line is what 'clipcl list grids' shows
+    overrides: [scenario.train_per_class=500]  # applied to every cell
+    variants:                                  # label -> overrides; labels may hold spaces
+      finetune: [method.name=finetune, memory.per_class=1]   # pins memory.per_class: its grid is not crossed
+      er: [method.name=er]
+      balanced (gdro dro=none): [method.name=gdro, method.dro=none]
+    grid:                                      # key -> values: the cartesian product, last key fastest
+      memory.per_class: [1, 2, 5, 10]
+      seed: [0, 1, 2, 3, 4]
+
+The cells are every variant (or the config alone, without `variants`) times every combination of the grid's
+values. A variant that sets a grid key pins it: the cells that differ only in that key are the same run,
+run once (above, finetune has 5 cells, not 20). Each cell's overrides are, in order: `overrides`, those given
+on the command line, the variant's, the grid values; a grid key may not also be set in `overrides` or on the
+command line (which value would the cell's name then show?).
+
+Every cell's config is built and validated before anything runs; the first bad key or value stops the sweep
+with one line naming the grid file, the cell and the key. Each cell runs as
+`python -m clipcl.cli run CONFIG <overrides> --out DIR/<cell> --quiet` in its own process with OMP_NUM_THREADS
+(and MKL_NUM_THREADS) set to --threads-per-job, --jobs at a time. Cell folders are named
+`<variant>__<key>-<value>__...` (characters other than letters, digits and `._+-` become `_`).
+
+Run again, the same command continues a sweep: a cell whose results.json is complete (and of the same config)
+is skipped, one holding a checkpoint is resumed (`--resume`), a folder holding files clipcl did not write is
+reported as failed and left alone. A failed cell does not stop the others; its output is kept in
+DIR/logs/<cell>.log and its last lines are printed; the sweep exits 1 at the end if any cell failed. Ctrl-C
+(or SIGTERM) stops the running cells, which write a checkpoint: the same command resumes them. DIR/sweep.json
+records the grid, the cells, their status, wall times and command lines.
+
+Pure Python: torch is imported only by the cells' own processes.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import yaml
+
+from . import rundir
+from .benchmarks import shipped_or_path, titles
+from .config import ConfigError, RunCfg, apply_overrides, load_config, to_dict
+from .files import write_text
+
+GRID_DIR = Path(__file__).parent / "grids"
+SECTIONS = ("overrides", "variants", "grid")
+SWEEP_FILE = "sweep.json"
+LOG_DIR = "logs"
+SWEEP_SCHEMA = 1
+TAIL_LINES = 12
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed grid file: shared overrides, named variants and the axes of the cartesian product."""
+
+    path: str
+    overrides: tuple[str, ...] = ()
+    variants: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (label, overrides), in file order
+    axes: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # (key, values), in file order
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a sweep."""
+
+    name: str  # its folder under DIR
+    variant: str  # the variant's label ("" without variants)
+    values: tuple[tuple[str, str], ...]  # grid key -> the value it runs with (pinned ones included), as text
+    overrides: tuple[str, ...]  # applied to CONFIG, in this order
+
+
+# ---------------------------------------------------------------------------------------------- grid files
+def list_grids() -> dict[str, str]:
+    """Name -> the first comment line of every grid shipped with clipcl."""
+    return titles(GRID_DIR)
+
+
+def grid_path(name_or_path: str) -> Path:
+    """A grid file: an existing path, or the name of a shipped grid."""
+    return shipped_or_path(name_or_path, GRID_DIR, "grid", "grid", " ('clipcl list grids')")
+
+
+def _override_list(where: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise ConfigError(f"{where} must be a list of key=value strings, e.g. [method.name=er, method.lam=2], "
+                          f"got {value!r}")
+    return tuple(v.strip() for v in value)
+
+
+def key_of(override: str) -> str:
+    """The dotted key of a 'key=value' override."""
+    return override.split("=", 1)[0].strip()
+
+
+def load_grid(name_or_path: str) -> Grid:
+    """Read and check the structure of a grid file (the configs it makes are checked by `configs`)."""
+    path = grid_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read grid file '{path}': {getattr(e, 'strerror', None) or e}.") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"grid file '{path}' is not valid YAML: {' '.join(str(e).split())}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"grid file '{path}' must hold a mapping with sections {', '.join(SECTIONS)}; "
+                          f"got {type(data).__name__}")
+    unknown = [str(k) for k in data if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"grid file '{path}': unknown section(s) {', '.join(unknown)}; a grid has "
+                          f"{', '.join(SECTIONS)} (each optional).")
+    overrides = _override_list(f"grid file '{path}': overrides", data.get("overrides"))
+    variants_in = data.get("variants") or {}
+    if not isinstance(variants_in, dict):
+        raise ConfigError(f"grid file '{path}': variants must map labels to lists of key=value overrides, "
+                          f"got {variants_in!r}")
+    variants = tuple((str(label).strip(), _override_list(f"grid file '{path}': variant '{label}'", ov))
+                     for label, ov in variants_in.items())
+    if any(not label for label, _ in variants):
+        raise ConfigError(f"grid file '{path}': a variant has an empty label; give each variant a name.")
+    axes_in = data.get("grid") or {}
+    if not isinstance(axes_in, dict):
+        raise ConfigError(f"grid file '{path}': grid must map config keys to lists of values, got {axes_in!r}")
+    axes = []
+    for key, values in axes_in.items():
+        if not isinstance(values, list) or not values or any(isinstance(v, dict) for v in values):
+            raise ConfigError(f"grid file '{path}': grid key '{key}' must map to a non-empty list of values, "
+                              f"e.g. {key}: [0, 1, 2]; got {values!r}")
+        axes.append((str(key), tuple(values)))
+    shared = {key_of(o) for o in overrides}
+    for key, _ in axes:
+        if key in shared:
+            raise ConfigError(f"grid file '{path}': key '{key}' is both in overrides and in grid; keep it in one "
+                              "of them (a variant may pin a grid key).")
+    return Grid(str(path), overrides, variants, tuple(axes))
+
+
+# ---------------------------------------------------------------------------------------------- cells
+def value_text(value: Any) -> str:
+    """A grid value as the text of a key=value override that reads back (as YAML) to the same value."""
+    if isinstance(value, str):
+        try:
+            same = yaml.safe_load(value) == value
+        except yaml.YAMLError:
+            same = False
+        return value if same else json.dumps(value)
+    return json.dumps(value)
+
+
+def _safe(part: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", part).strip("_") or "_"
+
+
+def folder_name(variant: str, values: tuple[tuple[str, str], ...]) -> str:
+    """`<variant>__<key>-<value>__...`, filesystem-safe; a very long name is cut and ends with its hash."""
+    parts = ([_safe(variant)] if variant else []) + [f"{key}-{_safe(text)}" for key, text in values]
+    name = "__".join(parts).lstrip(".-_") or "base"  # never hidden, never read as an option
+    if len(name) > 150:
+        name = name[:140] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name
+
+
+def expand(grid: Grid, extra: list[str] | tuple[str, ...] = ()) -> list[Cell]:
+    """The cells of a grid (variants outer, then the grid's product), pinned duplicates removed."""
+    grid_keys = [key for key, _ in grid.axes]
+    for o in extra:
+        if key_of(o) in grid_keys:
+            raise ConfigError(f"override '{o}' on the command line sets '{key_of(o)}', which grid '{grid.path}' "
+                              "varies; remove it from the command line or from the grid.")
+    cells, seen = [], {}
+    for label, v_over in (grid.variants or (("", ()),)):
+        pinned = {}
+        for o in v_over:
+            if key_of(o) in grid_keys:
+                raw = o.split("=", 1)[1]
+                try:
+                    pinned[key_of(o)] = value_text(yaml.safe_load(raw) if raw.strip() else "")
+                except yaml.YAMLError:
+                    pinned[key_of(o)] = raw
+        for combo in itertools.product(*(values for _, values in grid.axes)):
+            values = tuple((key, pinned.get(key, value_text(v))) for key, v in zip(grid_keys, combo))
+            if (label, values) in seen:
+                continue
+            free = [f"{key}={text}" for key, text in values if key not in pinned]
+            cell = Cell(folder_name(label, values), label, values, (*grid.overrides, *extra, *v_over, *free))
+            seen[(label, values)] = cell
+            cells.append(cell)
+    names: dict[str, Cell] = {}
+    for cell in cells:
+        if cell.name in names or cell.name in (SWEEP_FILE, LOG_DIR):
+            other = names.get(cell.name)
+            what = (f"cells {_describe(other)} and {_describe(cell)} both get" if other else
+                    f"cell {_describe(cell)} gets")
+            raise ConfigError(f"grid file '{grid.path}': {what} the folder name '{cell.name}' (names keep only "
+                              "letters, digits and ._+-); rename a variant.")
+        names[cell.name] = cell
+    return cells
+
+
+def _describe(cell: Cell) -> str:
+    return "'" + " ".join(([cell.variant] if cell.variant else []) + [f"{k}={t}" for k, t in cell.values]) + "'"
+
+
+def configs(config: str, grid: Grid, cells: list[Cell], extra: list[str] | tuple[str, ...] = ()) -> dict[str, RunCfg]:
+    """Every cell's validated config (name -> RunCfg); the first mistake is a ConfigError naming where it is."""
+    base = load_config(config)
+    try:
+        apply_overrides(base, list(grid.overrides))
+    except ConfigError as e:
+        raise ConfigError(f"grid file '{grid.path}', overrides: {e}") from None
+    apply_overrides(base, list(extra))  # a command-line mistake reads as in 'clipcl run'
+    out = {}
+    for cell in cells:
+        try:
+            out[cell.name] = apply_overrides(base, list(cell.overrides))
+        except ConfigError as e:
+            raise ConfigError(f"grid file '{grid.path}', cell '{cell.name}': {e}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- one cell
+def cell_state(folder: Path, cfg: RunCfg) -> tuple[str, str]:
+    """What to do with a cell's folder: (run | resume | overwrite | skip | refuse, why)."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        return "refuse", f"'{folder}' is not a folder; move it away or choose another --out"
+    if not folder.exists() or not any(folder.iterdir()):
+        return "run", ""
+    results = folder / rundir.RESULTS_NAME
+    if rundir.is_run_folder(folder):
+        try:
+            r = json.loads(results.read_text(encoding="utf-8")) if results.is_file() else {}
+        except (OSError, ValueError):
+            r = {}
+        if isinstance(r, dict) and r.get("complete") is True:
+            if r.get("config") == to_dict(cfg):
+                return "skip", "finished earlier"
+            return "refuse", (f"'{folder}' holds a finished run of another config ({_config_diff(r.get('config'), cfg)}"
+                              "); move it away to run this cell")
+        if (folder / rundir.CHECKPOINT_NAME).is_file():
+            return "resume", "stopped earlier"
+        return "overwrite", "a clipcl run without a checkpoint: started again"
+    names = sorted(p.name for p in folder.iterdir())
+    return "refuse", (f"'{folder}' holds files clipcl did not write ({', '.join(names[:5])}"
+                      f"{', ...' if len(names) > 5 else ''}); left alone: move them or choose another --out")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _config_diff(stored: Any, cfg: RunCfg) -> str:
+    a, b = _flat(stored or {}), _flat(to_dict(cfg))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return "differs in " + ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in keys[:3]) + \
+        (", ..." if len(keys) > 3 else "")
+
+
+def cell_command(config: str, overrides: tuple[str, ...], out: Path, action: str) -> list[str]:
+    """The command line that runs (or resumes, or restarts) one cell."""
+    flag = {"resume": ["--resume"], "overwrite": ["--overwrite"]}.get(action, [])
+    return [sys.executable, "-m", "clipcl.cli", "run", config, *overrides, "--out", str(out), "--quiet", *flag]
+
+
+def duration(seconds: float) -> str:
+    """'42s', '3m 20s', '1h 05m'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+
+
+def _tail(path: Path, start: int, n: int = TAIL_LINES) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if line.strip()][-n:]
+
+
+def _open_log(path: Path) -> int:
+    """The cell's log, appended to (never through a planted link)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o666)
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+class _Stop(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+def _raise_stop(signum, frame) -> None:
+    raise _Stop(signum)
+
+
+def run(config: str, grid_name: str, overrides: list[str], out: Path | str, jobs: int = 1,
+        threads: int | None = None, command: Callable[..., list[str]] = cell_command,
+        stream: TextIO | None = None) -> int:
+    """Check every cell, then run the grid into out; returns the exit status (0, 1 if a cell failed, 128+signal).
+
+    `command(config, overrides, folder, action)` builds each cell's command line (tests replace it).
+    """
+    stream = stream or sys.stderr
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: run at least 1 cell at a time")
+    threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // jobs)
+    if threads < 1:
+        raise ConfigError(f"--threads-per-job {threads}: give each cell at least 1 thread")
+    grid = load_grid(grid_name)
+    cells = expand(grid, overrides)
+    cfgs = configs(config, grid, cells, overrides)
+    config_arg = str(Path(config).expanduser().resolve()) if Path(config).expanduser().is_file() else config
+    out = Path(out).expanduser()
+    if str(out).strip() == "" or (out.exists() and not out.is_dir()):
+        raise ConfigError(f"--out '{out}' is not a folder; give the folder the sweep's runs go into.")
+    record = out / SWEEP_FILE
+    if record.exists() and not _is_sweep_record(record):
+        raise ConfigError(f"'{record}' exists and was not written by clipcl sweep; choose another --out.")
+    try:
+        (out / LOG_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create '{out / LOG_DIR}' ({e.strerror or e}); choose another --out.") from None
+
+    status: dict[str, dict[str, Any]] = {}
+    for cell in cells:
+        action, why = cell_state(out / cell.name, cfgs[cell.name])
+        status[cell.name] = {
+            "folder": cell.name, "variant": cell.variant, "values": dict(cell.values), "overrides": list(cell.overrides),
+            "action": action, "status": {"skip": "skipped", "refuse": "refused"}.get(action, "pending"),
+            "note": why, "command": shlex.join(command(config_arg, cell.overrides, out / cell.name, action))
+            if action in ("run", "resume", "overwrite") else None,
+            "exit_code": None, "wall_s": None, "log": f"{LOG_DIR}/{cell.name}.log"}
+    todo = [c for c in cells if status[c.name]["status"] == "pending"]
+    counts = {a: sum(1 for s in status.values() if s["action"] == a) for a in ("skip", "resume", "refuse")}
+    meta = {"clipcl_sweep": SWEEP_SCHEMA, "config": config_arg, "grid_file": grid.path,
+            "grid": {"overrides": list(grid.overrides), "variants": {k: list(v) for k, v in grid.variants},
+                     "grid": {k: list(v) for k, v in grid.axes}},
+            "command_line_overrides": list(overrides), "jobs": jobs, "threads_per_job": threads,
+            "started": _now(), "finished": None}
+    lock = threading.Lock()
+
+    def save() -> None:
+        write_text(record, json.dumps({**meta, "cells": list(status.values())}, indent=1) + "\n")
+
+    save()
+    print(f"clipcl sweep: {len(cells)} cells in '{out}': {counts['skip']} finished earlier (skipped), "
+          f"{counts['resume']} to resume, {len(todo) - counts['resume']} to start, {counts['refuse']} refused; "
+          f"{jobs} at a time, {threads} thread(s) each", file=stream, flush=True)
+    for name, s in status.items():
+        if s["action"] == "refuse":
+            print(f"clipcl sweep: cell {name} refused: {s['note']}", file=stream, flush=True)
+
+    done = [len(cells) - len(todo)]
+    walls: list[float] = []
+    running: dict[str, subprocess.Popen] = {}
+    stopping = threading.Event()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+
+    def finish(cell: Cell, **changes: Any) -> None:
+        """Record how a cell ended and print its progress line (under the lock)."""
+        s = status[cell.name]
+        s.update(changes)
+        done[0] += 1
+        _progress(stream, done[0], len(cells), cell.name, s, walls, len(todo) - _ended(status), jobs)
+        save()
+
+    def one(cell: Cell) -> None:
+        s, folder, log = status[cell.name], out / cell.name, out / LOG_DIR / f"{cell.name}.log"
+        with lock:
+            if stopping.is_set():
+                return
+        start = time.monotonic()
+        try:
+            fd = _open_log(log)
+            os.write(fd, f"== {_now()} clipcl sweep: {s['command']}\n".encode())
+            offset = os.lseek(fd, 0, os.SEEK_END)  # the tail shown on failure is this attempt's output only
+        except OSError as e:
+            with lock:
+                finish(cell, status="failed", note=f"cannot write its log '{log}' ({e.strerror or e})")
+            return
+        try:
+            with lock:
+                if stopping.is_set():
+                    return
+                proc = subprocess.Popen(command(config_arg, cell.overrides, folder, s["action"]), env=env,
+                                        stdin=subprocess.DEVNULL, stdout=fd, stderr=fd)
+                running[cell.name] = proc
+                s["status"] = "running"
+                save()
+            code = proc.wait()
+        finally:
+            os.close(fd)
+        wall = round(time.monotonic() - start, 1)
+        with lock:
+            running.pop(cell.name, None)
+            if code == 0:
+                walls.append(wall)
+                finish(cell, exit_code=code, wall_s=wall, status="resumed" if s["action"] == "resume" else "finished")
+            else:
+                finish(cell, exit_code=code, wall_s=wall, status="interrupted" if stopping.is_set() else "failed",
+                       note="\n".join(_tail(log, offset)))
+
+    stopped = 0
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers belong to the main thread
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    if in_main:
+        signal.signal(signal.SIGTERM, _raise_stop)
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="clipcl-sweep")
+    try:
+        futures = [pool.submit(one, cell) for cell in todo]
+        try:
+            wait(futures)
+        except (KeyboardInterrupt, _Stop) as e:
+            stopped = getattr(e, "signum", signal.SIGINT)
+            for sig in handlers:  # a second Ctrl-C must not leave the cells without the sweep waiting for them
+                signal.signal(sig, signal.SIG_IGN)
+            with lock:
+                stopping.set()
+                procs = list(running.values())
+            print(f"\nclipcl sweep: stopping {len(procs)} running cell(s); each writes a checkpoint first ...",
+                  file=stream, flush=True)
+            for proc in procs:  # a Ctrl-C at a terminal reached them already; a SIGTERM to the sweep did not
+                try:
+                    proc.send_signal(stopped)
+                except OSError:
+                    pass
+            wait(futures)
+        for f in futures:
+            f.result()  # an unexpected error in a worker is a bug: let it show
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for sig, handler in handlers.items():
+            if handler is not None:  # None: installed from C, cannot be put back from Python
+                signal.signal(sig, handler)
+        with lock:
+            for s in status.values():
+                if s["status"] in ("pending", "running"):
+                    s["status"] = "not started" if s["status"] == "pending" else "interrupted"
+            meta["finished"] = _now()
+            save()
+    return _summary(stream, out, status, stopped)
+
+
+def _ended(status: dict[str, dict[str, Any]]) -> int:
+    """How many of the cells that were to run have ended (in any way)."""
+    return sum(1 for s in status.values() if s["action"] in ("run", "resume", "overwrite")
+               and s["status"] in ("finished", "resumed", "failed", "interrupted"))
+
+
+def _progress(stream: TextIO, done: int, total: int, name: str, s: dict, walls: list[float], left: int,
+              jobs: int) -> None:
+    wall = duration(s["wall_s"] or 0)
+    what = {"finished": "done", "resumed": "resumed, done"}.get(s["status"])
+    if what is None:
+        what = f"{s['status'].upper()}" + (f" (exit {s['exit_code']})" if s["exit_code"] is not None else "")
+    eta = duration(sum(walls) / len(walls) * left / jobs) if walls else "?"
+    eta = "0s" if left == 0 else eta
+    print(f"[{done}/{total}] {name} {what} ({wall}) — ETA {eta}", file=stream, flush=True)
+    if s["status"] == "failed" and s["note"]:
+        print("    " + s["note"].replace("\n", "\n    "), file=stream, flush=True)
+
+
+def _summary(stream: TextIO, out: Path, status: dict[str, dict[str, Any]], stopped: int) -> int:
+    bad = {n: s for n, s in status.items() if s["status"] in ("failed", "refused")}
+    n = {k: sum(1 for s in status.values() if s["status"] == k)
+         for k in ("finished", "resumed", "skipped", "interrupted", "not started")}
+    print(f"clipcl sweep: {n['finished'] + n['resumed']} cell(s) run ({n['resumed']} resumed), {n['skipped']} "
+          f"finished earlier, {len(bad)} failed" + (f", {n['interrupted']} interrupted, {n['not started']} not "
+                                                     "started" if stopped else "") + f"; record in {out / SWEEP_FILE}",
+          file=stream, flush=True)
+    for name, s in bad.items():
+        why = f"exit {s['exit_code']}, log {out / s['log']}" if s["status"] == "failed" else s["note"]
+        print(f"  failed: {name} ({why})", file=stream, flush=True)
+    if stopped:
+        print("clipcl sweep: stopped; run the same command again to resume the interrupted cells.", file=stream,
+              flush=True)
+        return 128 + stopped
+    print(f"Report: clipcl report {shlex.quote(str(out))}", flush=True)
+    return 1 if bad else 0
+
+
+def _is_sweep_record(path: Path) -> bool:
+    try:
+        return "clipcl_sweep" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
