@@ -61,3 +61,21 @@ def test_dil_on_an_image_folder_with_domains(tmp_path):
     # the accuracy on a domain before training on it is the row before's entry for that domain
     before = res["accuracy_before_training"]
     assert before[1:] == [R[0][1], R[1][2]]
+
+
+def test_the_command_exits_after_a_run_that_decoded_images_in_worker_processes(tmp_path):
+    """The clipcl command skips the interpreter's teardown to save time; a run that started decoding processes
+    must still end (its processes are stopped), not hang in the exit handlers."""
+    import os
+    import subprocess
+    import sys
+
+    write_folder(tmp_path / "data")
+    script = Path(sys.executable).parent / "clipcl"
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "clipcl.cli"]
+    done = subprocess.run([*cmd, "run", "imagefolder", f"scenario.root={tmp_path / 'data'}", *TINY,
+                           "scenario.classes_per_task=2", "scenario.decode_workers=2", "--quiet",
+                           "--out", str(tmp_path / "out")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["complete"] is True

@@ -69,7 +69,7 @@ def test_tensorboard_events_hold_the_rows_of_the_log(tmp_path):
     loss = events.Scalars("train/loss")
     assert [e.step for e in loss] == [int(r["step"]) for r in rows]
     assert [e.value for e in loss] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-5)
-    assert [e.step for e in events.Scalars("eval/seen_accuracy")] == [STEPS, 2 * STEPS]
+    assert [e.step for e in events.Scalars("eval/seen_accuracy")] == [STEPS - 1, 2 * STEPS - 1]  # tasks' last steps
 
 
 class FakeWandb(types.ModuleType):
@@ -107,6 +107,15 @@ def test_wandb_gets_the_rows_of_the_log(tmp_path, monkeypatch):
     assert [s for s, _ in train] == [int(r["step"]) for r in rows]
     assert [v["train/loss"] for _, v in train] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-5)
     assert fake.finished == 1
+    # the W&B run id is drawn when the run starts and kept in its checkpoint (a resume continues that W&B run);
+    # a new run in the same folder gets another one, so it never lands in the old run's history
+    from clipcl import checkpoint
+
+    run_id = fake.inits[0]["id"]
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["progress"]["log_id"] == run_id
+    cfg = load_config("fmnist-cil", [*TINY, "scenario.n_tasks=1", "log.wandb=true"])
+    Trainer(cfg, tmp_path / "run", progress_bar=False, quiet=True, overwrite=True).run()
+    assert fake.inits[1]["id"] != run_id
 
 
 def test_a_tracker_that_is_not_installed_is_one_error_line_before_anything_is_written(tmp_path, capsys,

@@ -142,3 +142,22 @@ def test_evaluation_encodes_again_when_batchnorm_statistics_change(tmp_path, mon
     tr.start_task(0)
     tr.train_step(tr.batch_positions(0), 0)
     assert evaluate.image_tower_state(tr.bundle.model) != before
+
+
+def test_evaluation_cache_is_dropped_by_a_fused_optimizer_step(tmp_path, monkeypatch):
+    """Fused AdamW (the CUDA path) updates weights without bumping their version counters: the engine drops
+    evaluation's features after each step of a training image tower, so R is that of encoding every time."""
+    from clipcl import evaluate
+
+    def fused(self):
+        params = [p for p in self.bundle.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.optim.lr, fused=True)
+
+    monkeypatch.setattr(Trainer, "_start_optimizer", fused)
+    vit = "model.name=clipcl-tiny-vit"  # no BatchNorm: no buffer's version moves in training either
+    cached = _run(tmp_path / "cached", vit)
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "eval_image_features", evaluate.image_features)
+        plain = _run(tmp_path / "plain", vit)
+    assert cached["accuracy_matrix"] == plain["accuracy_matrix"]
+    assert cached["accuracy_before_training"] == plain["accuracy_before_training"]

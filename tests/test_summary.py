@@ -333,8 +333,10 @@ def test_report_folder_md_and_self_contained_html(tmp_path, capsys):
     assert not (folder / "fig-b9-old.png").exists() and (folder / "report.html").is_file()
 
 
-@pytest.mark.parametrize("foreign", ["notes.txt", "results.json", "sub/"])
+@pytest.mark.parametrize("foreign", ["notes.txt", "results.json", "sub/", "fig-b1-mine.png"])
 def test_out_folder_with_foreign_files_is_refused(tmp_path, capsys, foreign):
+    """Anything but an earlier report's files, and names like a report's in a folder no report wrote (no
+    marker): a user's own figure is never replaced."""
     root = write_study(tmp_path / "study", methods=("er",))
     folder = tmp_path / "report"
     folder.mkdir()

@@ -313,9 +313,12 @@ def entry() -> None:
     skips the interpreter's teardown of torch and open_clip's modules (about a second of every run's fixed
     cost; every file a run writes is written and synced before main returns)."""
     import atexit
+    import multiprocessing
     import os
 
     rc = main()
+    if multiprocessing.active_children():  # worker processes still up: the interpreter's own shutdown stops them
+        sys.exit(rc)
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -12,6 +12,7 @@ import resource
 import signal
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,7 @@ class Progress:
     loss_sum: float = 0.0  # of the logged training loss, within the current task
     loss_steps: int = 0
     unseen: list[list[float | None]] = field(default_factory=list)  # eval.unseen: row s after s tasks trained
+    log_id: str = ""  # the run's id for trackers (W&B), drawn when it starts and kept across resumes
 
 
 def say(line: str) -> None:
@@ -156,6 +158,8 @@ class Trainer:
                 find_unused_parameters=self.method.leaves_parameters_unused)
         self.progress = Progress()
         self.optimizer: torch.optim.Optimizer | None = None
+        self._image_tower_trains = any(p.requires_grad for n, p in self.bundle.model.named_parameters()
+                                       if n.startswith("visual."))
         self.autocast = self.device.type == "cuda" and cfg.model.precision in ("auto", "bf16")
         if self.device.type == "cuda":  # TF32 for what runs outside bf16 autocast (the fp32 losses, AdamW)
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -220,6 +224,7 @@ class Trainer:
                 f"the data changed since the run in '{self.out_dir}' started ({changed}); resuming would train "
                 "on other data. Restore the data the run started on, or start a new run in another folder.")
         self.bundle.model.load_state_dict(state["model"])
+        self.bundle.eval_features.clear()
         self.memory.load_state_dict(state["memory"])
         self.method.load_state_dict(state["method"])
         self.progress = Progress(**state["progress"])
@@ -336,6 +341,8 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             return self._nonfinite(step, {**terms, "grad_norm": norm}, before)
         opt.step()
+        if self._image_tower_trains:  # fused AdamW does not bump version counters: forget evaluation's features
+            self.bundle.eval_features.clear()
         with torch.no_grad():  # CLIP's clamp: a logit scale above 100 destabilises training
             self.bundle.model.logit_scale.clamp_(0, math.log(100))
         logged = {k: float(v.detach()) for k, v in terms.items()}
@@ -376,7 +383,9 @@ class Trainer:
                 + ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else ""))
         if resume:
             self.load_checkpoint()
-        self.log.open(self.global_step() if resume else None)
+        if not self.progress.log_id:  # a new run (or one from before the field): a new id, never an old run's
+            self.progress.log_id = uuid.uuid4().hex[:16]
+        self.log.open(self.global_step() if resume else None, self.progress.log_id)
         handlers = {}
         if sys.platform != "win32" and self.signals:
             try:
@@ -388,6 +397,7 @@ class Trainer:
                 self._run_task(self.progress.task)
         finally:
             self.log.close()
+            self.close_data()
             for s, h in handlers.items():
                 signal.signal(s, h)
         results = self.results(complete=True)
@@ -451,6 +461,7 @@ class Trainer:
                 for b in self.bundle.model.buffers():
                     torch.distributed.broadcast(b, 0)
         self.method.after_task(self.ctx)  # memory update, stored logits, weight interpolation
+        self.bundle.eval_features.clear()  # whatever after_task did to the weights, evaluate them afresh
         eval_start = time.perf_counter()
         p.rows.append(accuracy_row(self.bundle, self.scenario, t, cfg.eval.templates, cfg.eval.batch_size,
                                    self.device, self.autocast, split=cfg.eval.split))
@@ -460,7 +471,7 @@ class Trainer:
                          "eval_seconds": round(time.perf_counter() - eval_start, 3), "steps": self._steps,
                          "train_images": p.images_seen,
                          "train_images_per_second": round(p.images_seen / p.train_seconds, 1) if p.train_seconds else None})
-        self.log.task_end(first + self._steps, t, seen_accuracy(p.rows, self.eval_sizes(), t))
+        self.log.task_end(max(first + self._steps - 1, 0), t, seen_accuracy(p.rows, self.eval_sizes(), t))
         p.task, p.step = t + 1, 0
         self.optimizer = None
         ckpt_seconds = self.save_checkpoint()
@@ -474,6 +485,15 @@ class Trainer:
         cfg = self.cfg
         return unseen_row(self.bundle, self.scenario, trained, cfg.eval.templates, cfg.eval.batch_size, self.device,
                           self.autocast, split=cfg.eval.split)
+
+    def close_data(self) -> None:
+        """Stop the scenario's image-decoding processes (started again on demand if the data is read later)."""
+        from .data.images import FileStore
+
+        stores = {id(s.store): s.store for task in self.scenario.tasks for s in (task.train, task.test, task.val)}
+        for store in stores.values():
+            if isinstance(store, FileStore):
+                store.close()
 
     def global_step(self) -> int:
         """Training steps done so far in the run, tasks end to end (the step axis of logs and plots)."""

@@ -19,31 +19,35 @@ from .report import _plt, _save, plot_class_weights, plot_matrix
 from .summary import Benchmark, Figure, Group, Run, Summary, Table, to_markdown
 
 REPORT_FILES = ("report.md", "report.html")
+MARKER = ".clipcl-report"  # written with every report: a folder without it holds no report of clipcl's
 FIGURE_PREFIX = "fig-"  # the plots this module writes; earlier ones of that name are replaced or removed
 
 
 def _ours(p: Path) -> bool:
-    """Whether p is a file an earlier report wrote: report.md, report.html, a PNG, or one's leftover temporary."""
+    """Whether p is a file an earlier report wrote: report.md, report.html, its plots, its marker, or one's
+    leftover temporary."""
     if p.is_dir() and not p.is_symlink():
         return False
     name = p.name
     if name.startswith(".") and ".tmp-" in name:  # files.atomic_write's temporary of a killed writer
         name = name[1:name.index(".tmp-")]
-    return name in REPORT_FILES or name.lower().endswith(".png")
+    return name in (*REPORT_FILES, MARKER) or (name.startswith(FIGURE_PREFIX) and name.endswith(".png"))
 
 
 def check_out_folder(folder: Path) -> None:
-    """Refuse (ConfigError) an --out that is a file or a folder holding anything but an earlier report."""
+    """Refuse (ConfigError) an --out that is a file, or a folder that is not empty and holds anything but an
+    earlier report (recognised by its marker file)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--out '{folder}' is a file; give a folder for report.md and report.html (new, or "
                           "holding an earlier report).")
-    if folder.is_dir():
+    if folder.is_dir() and any(folder.iterdir()):
         foreign = sorted(p.name for p in folder.iterdir() if not _ours(p))
-        if foreign:
-            raise ConfigError(f"--out '{folder}' holds files a report did not write ({', '.join(foreign[:5])}"
-                              f"{', ...' if len(foreign) > 5 else ''}); give a new folder, or one holding only "
-                              "an earlier report's report.md, report.html and PNG files.")
+        if foreign or not (folder / MARKER).is_file():
+            listed = foreign or sorted(p.name for p in folder.iterdir())
+            raise ConfigError(f"--out '{folder}' holds files a report did not write ({', '.join(listed[:5])}"
+                              f"{', ...' if len(listed) > 5 else ''}); give a new or empty folder, or one holding "
+                              "only an earlier report written by clipcl report.")
 
 
 def _rows(run: Run) -> np.ndarray:
@@ -296,7 +300,8 @@ def write_report(summary: Summary, folder: Path) -> None:
     """folder/report.md, folder/report.html and the plots (check_out_folder first, before anything else)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    clear_stale_temporaries(folder, REPORT_FILES)
+    clear_stale_temporaries(folder, (*REPORT_FILES, MARKER))
+    write_text(folder / MARKER, "written by clipcl report: this folder's report files may be replaced\n")
     figures = draw_figures(summary, folder)
     write_text(folder / "report.md", to_markdown(summary, figures))
     write_text(folder / "report.html", to_html(summary, figures, folder))

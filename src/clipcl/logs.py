@@ -8,12 +8,12 @@ log of an interrupted and resumed run holds the rows of an uninterrupted one. On
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import math
 from pathlib import Path
 
 from .config import ConfigError, LogCfg
+from .files import write_text
 from .rundir import TENSORBOARD_DIR
 
 LOG_NAME = "log.csv"
@@ -43,7 +43,6 @@ class StepLog:
         self.cfg, self.out_dir, self.enabled = cfg, Path(out_dir), enabled
         self.run_config, self.name = run_config, name
         self.columns: list[str] = list(FIXED)
-        self.rows: list[dict[str, str]] = []  # kept: a new term (a teacher's from task 2 on) rewrites the header
         self._file: io.TextIOBase | None = None
         self._tb = None
         self._wandb = None
@@ -51,66 +50,77 @@ class StepLog:
             _check_installed(cfg)
 
     # ---------------------------------------------------------------- opening
-    def open(self, resume_at: int | None) -> None:
-        """Start logging: a fresh log.csv, or (resume_at = the checkpoint's global step) the rows before it."""
+    def open(self, resume_at: int | None, run_id: str) -> None:
+        """Start logging: a fresh log.csv, or (resume_at = the checkpoint's global step) the rows before it.
+        run_id names the run for W&B: drawn when the run starts and kept in its checkpoint."""
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / LOG_NAME
-        if resume_at is not None and path.is_file():
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                self.columns = list(reader.fieldnames or FIXED)
-                for row in reader:
-                    if None in row.values() or None in row:  # a line cut by a crash
-                        break
-                    try:
-                        if int(row["step"]) >= resume_at:
-                            break
-                    except (KeyError, ValueError):
-                        break
-                    self.rows.append(row)
-        self._rewrite()
+        rows = self._read(before=resume_at) if resume_at is not None else []
+        self._rewrite(rows)
         if self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step: events after the checkpoint, from the interrupted attempt, are dropped
+            # purge_step: events at or after the checkpoint, from the interrupted attempt, are dropped
             self._tb = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR), purge_step=resume_at)
         if self.cfg.wandb:
             import wandb
 
-            run_id = hashlib.sha256(str(self.out_dir.resolve()).encode()).hexdigest()[:16]  # one id per run folder
             self._wandb = wandb.init(project=self.cfg.wandb_project, name=self.name, id=run_id, resume="allow",
                                      config=self.run_config, dir=str(self.out_dir))
 
-    def _rewrite(self) -> None:
-        """log.csv with the current columns and rows (then appended to row by row)."""
+    def _read(self, before: int | None = None) -> list[dict[str, str]]:
+        """The rows of log.csv (those of steps < before), setting the columns from its header; a line cut by
+        a crash ends them."""
+        path = self.out_dir / LOG_NAME
+        rows: list[dict[str, str]] = []
+        if not path.is_file():
+            return rows
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            self.columns = list(reader.fieldnames or FIXED)
+            for row in reader:
+                if None in row.values() or None in row:
+                    break
+                try:
+                    if before is not None and int(row["step"]) >= before:
+                        break
+                except (KeyError, ValueError):
+                    break
+                rows.append(row)
+        return rows
+
+    def _rewrite(self, rows: list[dict[str, str]]) -> None:
+        """log.csv with the current columns and these rows, written atomically (a crash keeps the old file),
+        then opened to append to row by row."""
         if self._file is not None:
             self._file.close()
-        self._file = open(self.out_dir / LOG_NAME, "w", newline="", encoding="utf-8")
-        writer = csv.DictWriter(self._file, fieldnames=self.columns, restval="")
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=self.columns, restval="")
         writer.writeheader()
-        writer.writerows(self.rows)
-        self._file.flush()
+        writer.writerows(rows)
+        write_text(self.out_dir / LOG_NAME, text.getvalue())
+        self._file = open(self.out_dir / LOG_NAME, "a", newline="", encoding="utf-8")
 
     # ---------------------------------------------------------------- writing
     def step(self, step: int, task: int, task_step: int, values: dict[str, float], lr: float,
              images_per_second: float) -> None:
-        """One training step's row (only every log.every steps of a task, and its last one, are kept)."""
+        """One training step's row."""
         if not self.enabled or self._file is None:
             return
         row = {"step": step, "task": task + 1, "task_step": task_step, "loss": values.get("loss", float("nan")),
                "lr": lr, "images_per_second": images_per_second,
                **{k: v for k, v in values.items() if k != "loss"}}
         text = {k: _format(v) for k, v in row.items()}
-        self.rows.append(text)
         new = [k for k in text if k not in self.columns]
-        if new:
+        if new:  # a term that appears later (a teacher's, from task 2 on): the header grows, earlier rows stay
+            self._file.close()
+            self._file = None
+            rows = self._read()
             self.columns += sorted(new)
-            self._rewrite()
-        else:
-            csv.DictWriter(self._file, fieldnames=self.columns, restval="").writerow(text)
-            self._file.flush()
+            self._rewrite(rows)
+        csv.DictWriter(self._file, fieldnames=self.columns, restval="").writerow(text)
+        self._file.flush()
         scalars = {k: float(v) for k, v in row.items() if k not in ("step", "task", "task_step")}
         if self._tb is not None:
             for k, v in scalars.items():
@@ -119,7 +129,8 @@ class StepLog:
             self._wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
 
     def task_end(self, step: int, task: int, seen_accuracy: float) -> None:
-        """The accuracy on seen classes after task `task` (a point per task, at the step it ended)."""
+        """The accuracy on seen classes after task `task`, at `step`, the task's last training step (a resume
+        from the task's end purges later steps only, so the point survives)."""
         if self._tb is not None:
             self._tb.add_scalar("eval/seen_accuracy", 100 * seen_accuracy, step)
             self._tb.flush()

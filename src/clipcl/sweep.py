@@ -56,6 +56,7 @@ import yaml
 
 from . import rundir
 from .benchmarks import shipped_or_path, titles
+from .checkpoint import comparable
 from .config import ConfigError, RunCfg, apply_overrides, load_config, to_dict
 from .files import write_text
 
@@ -252,7 +253,7 @@ def cell_state(folder: Path, cfg: RunCfg) -> tuple[str, str]:
         except (OSError, ValueError):
             r = {}
         if isinstance(r, dict) and r.get("complete") is True:
-            if r.get("config") == to_dict(cfg):
+            if comparable(r.get("config") or {}) == comparable(to_dict(cfg)):  # the log settings may differ
                 return "skip", "finished earlier"
             return "refuse", (f"'{folder}' holds a finished run of another config ({_config_diff(r.get('config'), cfg)}"
                               "); move it away to run this cell")
