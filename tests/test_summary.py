@@ -383,3 +383,22 @@ def test_report_html_renders_in_headless_chromium(tmp_path, capsys):
     colours = np.unique((pixels[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
     assert len(colours) > 200  # text, tables and the plots, not a blank page
     assert (pixels[..., :3] < 0.5).any(axis=-1).mean() > 0.01  # dark text and lines on a light page
+
+
+def test_runs_of_a_sweep_are_labelled_and_ordered_as_its_cells(tmp_path, capsys):
+    """A sweep's folder: groups take the cells' names ('variant · key=value', seed left out) in the sweep's
+    order, not config keys in alphabetical order; the numbers are the same as without the sweep's record."""
+    root = tmp_path / "sweep"
+    cells = []
+    for variant, method in (("z plain er", "er"), ("a robust", "gdro")):  # sweep order is not alphabetical
+        for (m, seed) in MATRICES:
+            if m == method:
+                folder = f"{variant.replace(' ', '_')}__seed-{seed}"
+                write_run(root / folder, run_results(method, seed))
+                cells.append({"folder": folder, "variant": variant, "values": {"seed": str(seed)}})
+    plain = md_tables(report_md(capsys, root))["Comparison: mean ± standard deviation over seeds (%)"]
+    (root / "sweep.json").write_text(json.dumps({"clipcl_sweep": 1, "cells": cells}))
+    named = md_tables(report_md(capsys, root))["Comparison: mean ± standard deviation over seeds (%)"]
+    assert [row[0] for row in named[1:]] == ["z plain er", "a robust"]
+    by_method = {row[0]: row[1:] for row in plain[1:]}
+    assert named[1][1:] == by_method["er"] and named[2][1:] == by_method["gdro"]

@@ -147,6 +147,7 @@ class Run:
     label: str
     path: Path
     results: dict
+    cell: tuple[int, str] | None = None  # a sweep's cell: (its place in the sweep, its name without the seed)
 
     @property
     def seed(self) -> object:
@@ -219,6 +220,22 @@ def result_files(paths: list[str]) -> list[Path]:
     return files
 
 
+def sweep_cells(run_file: Path) -> dict[str, tuple[int, str]]:
+    """The cells of the clipcl sweep whose folder holds this run (folder name -> (place, name without the
+    seed): the variant's label and its grid values), or {} when the run is not part of a sweep."""
+    record = run_file.parent.parent / "sweep.json"
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        cells = data["cells"] if data.get("clipcl_sweep") else []
+        out = {}
+        for i, c in enumerate(cells):
+            values = " ".join(f"{k}={v}" for k, v in c.get("values", {}).items() if k != "seed")
+            out[c["folder"]] = (i, " · ".join(x for x in (c.get("variant") or "", values) if x))
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def collect(paths: list[str]) -> tuple[dict[str, dict], list[str], list[Run]]:
     """(label -> results of every run as given, warnings of report.collect_runs, the runs without repeats).
 
@@ -226,11 +243,13 @@ def collect(paths: list[str]) -> tuple[dict[str, dict], list[str], list[Run]]:
     files = result_files(paths)
     by_label, warnings = collect_runs([str(f) for f in files])
     runs, seen = [], set()
+    sweeps: dict[Path, dict[str, tuple[int, str]]] = {}
     for f, (label, results) in zip(files, by_label.items()):
         real = os.path.realpath(f)
         if real not in seen:
             seen.add(real)
-            runs.append(Run(label, f, results))
+            cells = sweeps.setdefault(f.parent.parent, sweep_cells(f))
+            runs.append(Run(label, f, results, cells.get(f.parent.name)))
     return by_label, warnings, runs
 
 
@@ -274,6 +293,8 @@ def _labels(groups: list[Group]) -> list[str]:
         rest = [k for k in differing if k not in chosen]
         chosen.append(max(rest, key=lambda k: (distinct([*chosen, k]), -differing.index(k))))
     chosen.sort(key=differing.index)
+    if _sweep_labels(groups):
+        return chosen
     for g in groups:
         if not chosen:
             g.label = g.settings.get("method.name", "run")
@@ -282,6 +303,24 @@ def _labels(groups: list[Group]) -> list[str]:
         else:
             g.label = " ".join(f"{k}={g.settings.get(k, '(absent)')}" for k in chosen)
     return chosen
+
+
+def _sweep_labels(groups: list[Group]) -> bool:
+    """Groups that are cells of one sweep (over seeds) take its names, 'variant · key=value', in the sweep's
+    order, where those names tell them apart; returns whether they did."""
+    if not all(r.cell for g in groups for r in g.runs):
+        return False
+    names = [{r.cell[1] for r in g.runs} for g in groups]  # type: ignore[index]
+    if not all(len(n) == 1 for n in names):
+        return False
+    places = [(min(r.cell[0] for r in g.runs), next(iter(n))) for g, n in zip(groups, names)]  # type: ignore[index]
+    if len({name for _, name in places}) < len(groups) or not all(name for _, name in places):
+        return False
+    for g, (_, name) in zip(groups, places):
+        g.label = name
+    order = sorted(range(len(groups)), key=lambda i: places[i][0])
+    groups[:] = [groups[i] for i in order]
+    return True
 
 
 def _split_runs(g: Group) -> None:
