@@ -402,3 +402,20 @@ def test_runs_of_a_sweep_are_labelled_and_ordered_as_its_cells(tmp_path, capsys)
     assert [row[0] for row in named[1:]] == ["z plain er", "a robust"]
     by_method = {row[0]: row[1:] for row in plain[1:]}
     assert named[1][1:] == by_method["er"] and named[2][1:] == by_method["gdro"]
+
+
+def test_many_sweep_cells_are_drawn_one_panel_per_grid_value():
+    """Twelve cells 'variant · memory': one panel per memory size, a line per variant; a few groups, or labels
+    that are not a sweep's, stay on one panel."""
+    from clipcl.html_report import facets
+    from clipcl.summary import Benchmark, Group
+
+    def bench(labels):
+        return Benchmark(1, "b", "d", [Group(label, {}, [], averaged=[object()]) for label in labels], [])
+
+    cells = [f"{v} · memory.per_class={m}" for v in ("er", "gdro", "gcl") for m in (1, 2, 5, 10)]
+    panels = facets(bench(cells))
+    assert list(panels) == ["memory.per_class=1", "memory.per_class=2", "memory.per_class=5", "memory.per_class=10"]
+    assert [v for v, _ in panels["memory.per_class=2"]] == ["er", "gdro", "gcl"]
+    assert facets(bench(cells[:8])) is None
+    assert facets(bench([f"method.name=m{i}" for i in range(12)])) is None

@@ -16,7 +16,7 @@ import numpy as np
 from .config import ConfigError
 from .files import clear_stale_temporaries, write_text
 from .report import _plt, _save, plot_class_weights, plot_matrix
-from .summary import Benchmark, Figure, Group, Run, Summary, Table, to_markdown
+from .summary import Benchmark, Figure, Group, Run, Summary, Table, split_tables, to_markdown
 
 REPORT_FILES = ("report.md", "report.html")
 MARKER = ".clipcl-report"  # written with every report: a folder without it holds no report of clipcl's
@@ -165,6 +165,53 @@ def draw_seen_accuracy(ax, bench: Benchmark) -> None:
     _legend_below(ax, len(drawn))
 
 
+def facets(bench: Benchmark) -> dict[str, list[tuple[str, Group]]] | None:
+    """Many groups named 'variant · values' (a sweep's cells) over a few values: {values: [(variant, group)]},
+    to draw one panel per values with a line per variant; None where one panel reads well enough."""
+    drawn = [g for g in bench.groups if g.averaged]
+    if len(drawn) <= 8 or not all(" · " in g.label for g in drawn):
+        return None
+    out: dict[str, list[tuple[str, Group]]] = {}
+    for g in drawn:
+        variant, rest = g.label.split(" · ", 1)
+        out.setdefault(rest, []).append((variant, g))
+    return out if 1 < len(out) <= 8 else None
+
+
+def plot_seen_facets(bench: Benchmark, panels: dict[str, list[tuple[str, Group]]], path: Path) -> None:
+    """One panel per cell values (e.g. memory size), a line per variant in the same colour in every panel."""
+    plt = _plt()
+    variants = list(dict.fromkeys(v for members in panels.values() for v, _ in members))
+    colour = dict(zip(variants, _colours(len(variants))))
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 0.6, 3.0 * rows + 1.6), sharey=True, squeeze=False)
+    for ax, (values, members) in zip(axes.flat, panels.items()):
+        longest = 0
+        for variant, g in members:
+            S = np.array([_seen(r) for r in g.averaged])
+            x = np.arange(1, S.shape[1] + 1)
+            longest = max(longest, S.shape[1])
+            ax.plot(x, S.mean(0), marker="o", ms=3, color=colour[variant], label=variant)
+            if len(S) > 1:
+                ax.fill_between(x, S.min(0), S.max(0), color=colour[variant], alpha=0.15, lw=0)
+        ax.set_xticks(range(1, longest + 1))
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.set_title(values, fontsize=9)
+        ax.set_xlabel("after task", fontsize=8)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy on seen data (%)", fontsize=8)
+    handles = [plt.Line2D([], [], color=colour[v], marker="o", ms=3) for v in variants]
+    fig.legend(handles, variants, loc="lower center", ncol=min(4, len(variants)), fontsize=8, frameon=False)
+    fig.suptitle(f"Benchmark {bench.number}: {bench.name} ({bench.description})\n{_wrap(shared_title(bench))}\n"
+                 "accuracy on seen data: mean over seeds; band: min to max", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * (-(-len(variants) // 4)), 1, 1))
+    _save(fig, path)
+
+
 def plot_seen_accuracy(benches: list[Benchmark], path: Path) -> None:
     """One panel per benchmark: accuracy on seen data after each task, per group (mean, min-max band)."""
     plt = _plt()
@@ -220,7 +267,11 @@ def draw_figures(summary: Summary, folder: Path) -> dict[int, list[Figure]]:
         if not any(g.averaged for g in bench.groups):
             continue
         name = f"{FIGURE_PREFIX}b{b}-seen-accuracy.png"
-        plot_seen_accuracy([bench], folder / name)
+        panels = facets(bench)
+        if panels:
+            plot_seen_facets(bench, panels, folder / name)
+        else:
+            plot_seen_accuracy([bench], folder / name)
         out.append(Figure(name, f"Benchmark {b}: accuracy on seen data after each task (mean over seeds, band "
                                 "from min to max)"))
         name = f"{FIGURE_PREFIX}b{b}-forgetting.png"
@@ -288,11 +339,14 @@ def to_html(summary: Summary, figures: dict[int, list[Figure]], folder: Path) ->
     for s in summary.sections:
         out.append(f"<h2>{e(s.title)}</h2>")
         out += [f'<p class="note">Note: {e(n)}</p>' for n in s.notes]
-        for t in s.tables:
+        first, last = split_tables(s.tables)
+        for t in first:
             out += _html_table(t)
         for f in figures.get(s.benchmark.number, []):
             out.append(f'<figure><img src="{_data_uri(folder / f.file)}" alt="{e(f.caption)}">'
                        f"<figcaption>{e(f.caption)}</figcaption></figure>")
+        for t in last:
+            out += _html_table(t)
     return "\n".join(out + ["</body>", "</html>"]) + "\n"
 
 

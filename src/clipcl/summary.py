@@ -608,6 +608,12 @@ def markdown_table(t: Table) -> list[str]:
     return lines + ([""] + [t.note] if t.note else []) + [""]
 
 
+def split_tables(tables: list[Table]) -> tuple[list[Table], list[Table]]:
+    """(the tables shown before the plots, the ones after: the budget, one row per run, goes last)."""
+    return ([t for t in tables if not t.title.startswith("Budget")],
+            [t for t in tables if t.title.startswith("Budget")])
+
+
 def to_markdown(summary: Summary, figures: dict[int, list[Figure]] | None = None) -> str:
     """The report as Markdown; figures (benchmark number -> plots) are linked as images beside it."""
     lines = [f"# {summary.title}", ""]
@@ -616,8 +622,11 @@ def to_markdown(summary: Summary, figures: dict[int, list[Figure]] | None = None
     for s in summary.sections:
         lines += [f"## {s.title}", ""]
         lines += [f"- Note: {n}" for n in s.notes] + ([""] if s.notes else [])
-        for t in s.tables:
+        first, last = split_tables(s.tables)
+        for t in first:
             lines += markdown_table(t)
         for f in (figures or {}).get(s.benchmark.number, []):
             lines += [f"![{f.caption}]({f.file})", ""]
+        for t in last:
+            lines += markdown_table(t)
     return "\n".join(lines).rstrip("\n") + "\n"
