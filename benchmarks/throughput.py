@@ -40,6 +40,8 @@ def loss_ms(cfg, batch_size: int, repeats: int = 200) -> float:
     """Milliseconds of one method's loss (forward + backward to the embeddings) on a fixed batch of embeddings:
     the part of a step that differs between methods, without the model's noise around it. Methods with
     embedding-level estimators (gcl, gdro) run their `loss`; the others, the mini-batch CLIP loss."""
+    from types import SimpleNamespace
+
     import torch.nn.functional as F
 
     from clipcl.losses import clip_loss
@@ -49,8 +51,10 @@ def loss_ms(cfg, batch_size: int, repeats: int = 200) -> float:
     n_classes, dim = 10, 128
     labels = torch.arange(2 * batch_size) % n_classes
     method = make_method(cfg.method)
+    prompts = isinstance(method, GCL) and cfg.method.gcl_form == "prompts"
     if isinstance(method, GCL):
         method.start_estimators(10_000, n_classes)
+        method.ctx = SimpleNamespace(new_size=5_000, data_size=10_000)  # what the negatives' weights read
     else:
         method.loss = lambda b: {"contrastive_loss": clip_loss(b.z, b.text, b.inv, b.logit_scale)}
     times = []
@@ -59,7 +63,8 @@ def loss_ms(cfg, batch_size: int, repeats: int = 200) -> float:
         text = F.normalize(torch.randn(n_classes, dim, generator=g), dim=-1).requires_grad_()
         index = torch.randint(10_000, (2 * batch_size,), generator=g)
         start = time.perf_counter()
-        batch = Batch(z=z, text=text, inv=labels, labels=labels, index=index, logit_scale=torch.tensor(14.3), step=step)
+        batch = Batch(z=z, text=text, inv=labels, labels=labels, index=index, logit_scale=torch.tensor(14.3), step=step,
+                      prompts=text if prompts else None)
         terms = method.loss(batch)
         sum(v for k, v in terms.items() if k.endswith("_loss")).backward()
         times.append(time.perf_counter() - start)
