@@ -39,8 +39,8 @@ test-slow: setup
 bench: setup
 	$(BIN)/python benchmarks/throughput.py
 
-# The method study of the README (the grid src/clipcl/grids/method-study.yaml, 125 runs per benchmark; about
-# 100 minutes for the three on 2 cores). Run again, it skips finished runs and resumes stopped ones.
+# The method study of the README (the grid src/clipcl/grids/method-study.yaml, 125 runs per benchmark; 83
+# minutes for the three on 2 cores). Run again, it skips finished runs and resumes stopped ones.
 SWEEP := $(BIN)/clipcl sweep --jobs 2 --threads-per-job 1
 study: setup
 	$(SWEEP) fmnist-cil method-study scenario.train_per_class=500 --out benchmarks/out/sweep-fmnist-cil

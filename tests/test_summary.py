@@ -419,3 +419,30 @@ def test_many_sweep_cells_are_drawn_one_panel_per_grid_value():
     assert [v for v, _ in panels["memory.per_class=2"]] == ["er", "gdro", "gcl"]
     assert facets(bench(cells[:8])) is None
     assert facets(bench([f"method.name=m{i}" for i in range(12)])) is None
+
+
+def test_a_report_of_many_sweep_cells_draws_the_panels_and_lists_the_settings(tmp_path, capsys):
+    """Ten cells (5 variants x 2 memory sizes, 3 seeds): the report draws its seen-accuracy figure (one panel per
+    memory size) and, since the sweep's names show no setting, the table of the settings they differ in."""
+    root = tmp_path / "sweep"
+    cells = []
+    for v in range(5):
+        for m in (1, 2):
+            for (method, seed) in MATRICES:
+                if method == "er":
+                    r = run_results("er", seed)
+                    r["config"]["method"]["name"] = f"method{v}"
+                    r["config"]["memory"]["per_class"] = m
+                    folder = f"v{v}__memory.per_class-{m}__seed-{seed}"
+                    write_run(root / folder, r)
+                    cells.append({"folder": folder, "variant": f"variant {v}",
+                                  "values": {"memory.per_class": str(m), "seed": str(seed)}})
+    (root / "sweep.json").write_text(json.dumps({"clipcl_sweep": 1, "cells": cells}))
+    md = report_md(capsys, root, "--out", tmp_path / "report")
+    tables = md_tables(md)
+    assert [row[0] for row in tables["Comparison: mean ± standard deviation over seeds (%)"][1:3]] == [
+        "variant 0 · memory.per_class=1", "variant 0 · memory.per_class=2"]
+    settings = tables["Groups: every setting in which they differ"]
+    assert settings[0][1:] == ["method.name", "memory.per_class"] and settings[1][1:] == ["method0", "1"]
+    png = (tmp_path / "report" / "fig-b1-seen-accuracy.png").read_bytes()
+    assert png.startswith(b"\x89PNG")

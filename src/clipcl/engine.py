@@ -461,7 +461,6 @@ class Trainer:
                 for b in self.bundle.model.buffers():
                     torch.distributed.broadcast(b, 0)
         self.method.after_task(self.ctx)  # memory update, stored logits, weight interpolation
-        self.bundle.eval_features.clear()  # whatever after_task did to the weights, evaluate them afresh
         eval_start = time.perf_counter()
         p.rows.append(accuracy_row(self.bundle, self.scenario, t, cfg.eval.templates, cfg.eval.batch_size,
                                    self.device, self.autocast, split=cfg.eval.split))

@@ -62,6 +62,8 @@ def eval_image_features(bundle, data: ImageSet, batch_size: int, device: torch.d
                         autocast: bool = False) -> torch.Tensor:
     """image_features of an evaluation set, kept while the image tower does not change (model.lock_image, a
     method that does not train, the rows of one task): each test image is encoded once per tower state."""
+    if not isinstance(getattr(bundle.model, "visual", None), torch.nn.Module):  # not an open_clip model: no cache
+        return image_features(bundle, data, batch_size, device, autocast)
     state = image_tower_state(bundle.model)
     cache = bundle.eval_features
     if cache.get("state") != state:

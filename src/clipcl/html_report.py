@@ -204,8 +204,13 @@ def plot_seen_facets(bench: Benchmark, panels: dict[str, list[tuple[str, Group]]
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy on seen data (%)", fontsize=8)
+    seeds: dict[str, set[int]] = {}
+    for members in panels.values():
+        for v, g in members:
+            seeds.setdefault(v, set()).add(len(g.averaged))
+    names = [f"{v} (n={'-'.join(map(str, sorted(seeds[v])))})" for v in variants]
     handles = [plt.Line2D([], [], color=colour[v], marker="o", ms=3) for v in variants]
-    fig.legend(handles, variants, loc="lower center", ncol=min(4, len(variants)), fontsize=8, frameon=False)
+    fig.legend(handles, names, loc="lower center", ncol=min(4, len(variants)), fontsize=8, frameon=False)
     fig.suptitle(f"Benchmark {bench.number}: {bench.name} ({bench.description})\n{_wrap(shared_title(bench))}\n"
                  "accuracy on seen data: mean over seeds; band: min to max", fontsize=9)
     fig.tight_layout(rect=(0, 0.04 + 0.03 * (-(-len(variants) // 4)), 1, 1))

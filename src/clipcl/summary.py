@@ -147,7 +147,7 @@ class Run:
     label: str
     path: Path
     results: dict
-    cell: tuple[int, str] | None = None  # a sweep's cell: (its place in the sweep, its name without the seed)
+    cell: tuple[tuple[int, int], str] | None = None  # a sweep's cell: ((sweep, place in it), name without seed)
 
     @property
     def seed(self) -> object:
@@ -248,8 +248,11 @@ def collect(paths: list[str]) -> tuple[dict[str, dict], list[str], list[Run]]:
         real = os.path.realpath(f)
         if real not in seen:
             seen.add(real)
-            cells = sweeps.setdefault(f.parent.parent, sweep_cells(f))
-            runs.append(Run(label, f, results, cells.get(f.parent.name)))
+            if f.parent.parent not in sweeps:
+                sweeps[f.parent.parent] = sweep_cells(f)
+            rank = list(sweeps).index(f.parent.parent)  # sweeps in the order given, then their cells' order
+            cell = sweeps[f.parent.parent].get(f.parent.name)
+            runs.append(Run(label, f, results, ((rank, cell[0]), cell[1]) if cell else None))
     return by_label, warnings, runs
 
 
@@ -294,7 +297,7 @@ def _labels(groups: list[Group]) -> list[str]:
         chosen.append(max(rest, key=lambda k: (distinct([*chosen, k]), -differing.index(k))))
     chosen.sort(key=differing.index)
     if _sweep_labels(groups):
-        return chosen
+        return []  # the sweep's names show no setting: the groups table lists them
     for g in groups:
         if not chosen:
             g.label = g.settings.get("method.name", "run")
