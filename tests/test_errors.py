@@ -131,7 +131,7 @@ def test_overwrite_replaces_a_finished_run(finished_run, tmp_path, capsys):
     (out / "notes.txt").write_text("the user's own file")
     assert main(["run", "fmnist-cil", *ZEROSHOT, "seed=3", "--out", str(out), "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "the user's own file"  # clipcl removes only what it wrote
-    assert "kept 1 file(s)" in capsys.readouterr().err
+    assert "kept 1 entry" in capsys.readouterr().err
     assert json.loads((out / "results.json").read_text())["config"]["seed"] == 3
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from clipcl import sweep
+from clipcl import owned, sweep
 from clipcl.cli import main
 from clipcl.config import ConfigError
 from cli_checks import DIE_AFTER_SAVE, fail
@@ -175,6 +175,7 @@ def test_a_folder_holding_files_clipcl_did_not_write_is_left_alone(tmp_path, cap
     out = tmp_path / "sweep"
     mine = out / "er__memory.per_class-2"
     mine.mkdir(parents=True)
+    owned.create_marker(out, "sweep")  # a sweep of clipcl's, with a cell folder holding the user's files
     (mine / "notes.txt").write_text("my notes")
     code = sweep.run("fmnist-cil", "tiny", [], out, jobs=1, threads=1, command=fake_command())
     err = capsys.readouterr().err

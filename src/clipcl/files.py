@@ -58,13 +58,22 @@ class _Recorded:
         return getattr(self._f, name)
 
 
-def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], fsync: bool = True) -> None:
+def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], fsync: bool = True, track: bool = True) -> None:
     """Call write(file) on a fresh temporary file next to `path`, flush (and fsync) it, rename it onto `path`.
 
     On any failure the temporary file is removed, `path` keeps its previous content, and OutputError
-    (an OSError) names the file and the reason (no space left, no permission, ...).
+    (an OSError) names the file and the reason (no space left, no permission, ...). When path lies in a folder
+    clipcl tracks (owned.track: a run's, the demo's, a sweep's or a report's folder), it is listed in that
+    folder's marker before the first byte is written (track=False: the marker itself).
     """
     path = Path(path)
+    if track:
+        from . import owned
+
+        try:
+            owned.note_write(path)
+        except OSError as e:
+            raise OutputError(e.errno or errno.EIO, _describe(path.parent / owned.MARKER_NAME, e)) from None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     except OSError as e:
@@ -102,8 +111,12 @@ def write_text(path: Path | str, text: str) -> None:
 
 
 def save_figure(fig, path: Path | str, dpi: int = 100) -> None:
-    """A matplotlib figure as PNG, written atomically."""
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), fsync=False)
+    """A matplotlib figure as PNG, written atomically, marked as clipcl's (its 'Software' text chunk), so that
+    a later --plot of the same path may replace it and never a PNG of the user's."""
+    from . import __version__
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi,
+                                             metadata={"Software": f"clipcl {__version__}"}), fsync=False)
 
 
 def clear_stale_temporaries(folder: Path, names) -> None:

@@ -8,14 +8,16 @@ replaced.
 from __future__ import annotations
 
 import base64
+import errno
 import html
 from pathlib import Path
 
 import numpy as np
 
+from . import owned
 from .config import ConfigError
-from .files import clear_stale_temporaries, write_text
-from .report import _plt, _save, plot_class_weights, plot_matrix
+from .files import OutputError, clear_stale_temporaries, write_text
+from .report import _plt, _save, one_line, plot_class_weights, plot_matrix
 from .summary import Benchmark, Figure, Group, Run, Summary, Table, split_tables, to_markdown
 
 REPORT_FILES = ("report.md", "report.html")
@@ -34,20 +36,39 @@ def _ours(p: Path) -> bool:
     return name in (*REPORT_FILES, MARKER) or (name.startswith(FIGURE_PREFIX) and name.endswith(".png"))
 
 
+def _legacy(folder: Path) -> bool:
+    """A report folder of an earlier clipcl: its old marker file, and nothing but a report's files."""
+    return (folder / MARKER).is_file() and all(_ours(p) for p in folder.iterdir() if p.name not in owned.META_NAMES)
+
+
 def check_out_folder(folder: Path) -> None:
-    """Refuse (ConfigError) an --out that is a file, or a folder that is not empty and holds anything but an
-    earlier report (recognised by its marker file)."""
-    folder = Path(folder)
+    """Refuse (ConfigError) an --out that is a file, a folder in use by another process, or a folder that is not
+    empty and holds anything but an earlier report (recognised by clipcl's marker, which lists its files)."""
+    folder = Path(folder).expanduser()
+    owned.check_path_length(folder, "--out")
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--out '{folder}' is a file; give a folder for report.md and report.html (new, or "
                           "holding an earlier report).")
-    if folder.is_dir() and any(folder.iterdir()):
-        foreign = sorted(p.name for p in folder.iterdir() if not _ours(p))
-        if foreign or not (folder / MARKER).is_file():
-            listed = foreign or sorted(p.name for p in folder.iterdir())
-            raise ConfigError(f"--out '{folder}' holds files a report did not write ({', '.join(listed[:5])}"
-                              f"{', ...' if len(listed) > 5 else ''}); give a new or empty folder, or one holding "
-                              "only an earlier report written by clipcl report.")
+    if not folder.is_dir() or not owned.contents(folder):
+        return
+    busy = owned.holder(folder)
+    if busy:
+        raise ConfigError(busy)
+    _refuse_foreign(folder)
+
+
+def _refuse_foreign(folder: Path) -> None:
+    """ConfigError when folder holds an entry that no clipcl report wrote (its marker's list, or an earlier
+    clipcl's report files)."""
+    if owned.kind_of(folder) == "report":
+        mine = owned.listed(folder)
+        foreign = [name for name in owned.contents(folder) if name not in mine]
+    else:
+        foreign = [] if _legacy(folder) else owned.contents(folder)
+    if foreign:
+        raise ConfigError(f"--out '{folder}' holds files a report did not write ({', '.join(foreign[:5])}"
+                          f"{', ...' if len(foreign) > 5 else ''}); give a new or empty folder, or one holding "
+                          "only an earlier report written by clipcl report.")
 
 
 def _rows(run: Run) -> np.ndarray:
@@ -355,16 +376,50 @@ def to_html(summary: Summary, figures: dict[int, list[Figure]], folder: Path) ->
     return "\n".join(out + ["</body>", "</html>"]) + "\n"
 
 
+def _write_problem(folder: Path, e: OSError, creating: bool) -> str:
+    """One line on why the report could not be written into folder: a read-only file system, a full disk, ..."""
+    reasons = {errno.EROFS: "the file system is read-only", errno.ENOSPC: "no space is left on the device",
+               errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "no permission",
+               errno.EPERM: "no permission", errno.ENOTDIR: "a part of its path is a file, not a folder",
+               errno.ENAMETOOLONG: "its name is too long"}
+    reason = reasons.get(e.errno or 0) or e.strerror or type(e).__name__
+    if isinstance(e, OutputError) and e.errno not in reasons:  # files' message names the file and the reason
+        reason = e.strerror or str(e)
+    what = "create the report folder" if creating else "write the report into"
+    return f"cannot {what} '{folder}': {reason}; give --out a folder you can write to"
+
+
 def write_report(summary: Summary, folder: Path) -> None:
-    """folder/report.md, folder/report.html and the plots (check_out_folder first, before anything else)."""
+    """folder/report.md, folder/report.html and the plots (check_out_folder first, before anything else).
+
+    A folder that cannot be made or written (a read-only file system, a full disk, no permission) is an
+    OutputError naming it and the reason, never a traceback."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    clear_stale_temporaries(folder, (*REPORT_FILES, MARKER))
-    write_text(folder / MARKER, "written by clipcl report: this folder's report files may be replaced\n")
-    figures = draw_figures(summary, folder)
-    write_text(folder / "report.md", to_markdown(summary, figures))
-    write_text(folder / "report.html", to_html(summary, figures, folder))
-    current = {f.file for fs in figures.values() for f in fs}
-    for p in folder.glob(f"{FIGURE_PREFIX}*.png"):  # an earlier report's plots that this one does not have
-        if p.name not in current and (p.is_file() or p.is_symlink()):
-            p.unlink()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(e.errno or errno.EIO, one_line(_write_problem(folder, e, creating=True))) from None
+    try:
+        _write_report(summary, folder)
+    except OSError as e:  # OutputError too: the folder named, with the reason in words
+        raise OutputError(e.errno or errno.EIO, one_line(_write_problem(folder, e, creating=False))) from None
+
+
+def _write_report(summary: Summary, folder: Path) -> None:
+    with owned.FolderLock(folder, "report"):  # one report at a time; its files listed in the folder's marker
+        _refuse_foreign(folder)  # again, under the lock
+        if owned.kind_of(folder) != "report":  # new, or an earlier clipcl's report (its files adopted)
+            owned.create_marker(folder, "report", owned.contents(folder) if _legacy(folder) else ())
+        owned.track(folder)
+        try:
+            clear_stale_temporaries(folder, REPORT_FILES)
+            figures = draw_figures(summary, folder)
+            write_text(folder / "report.md", to_markdown(summary, figures))
+            write_text(folder / "report.html", to_html(summary, figures, folder))
+        finally:
+            owned.untrack(folder)
+        current = {f.file for fs in figures.values() for f in fs}
+        mine = owned.listed(folder)
+        for p in folder.glob(f"{FIGURE_PREFIX}*.png"):  # an earlier report's plots that this one does not have
+            if p.name not in current and p.name in mine and (p.is_file() or p.is_symlink()):
+                p.unlink()

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from .config import ConfigError, LogCfg
+from . import owned
 from .files import write_text
 from .rundir import TENSORBOARD_DIR
 
@@ -61,11 +62,17 @@ class StepLog:
         if self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            # listed in the run's marker first; a link planted in the folder's place is refused, never followed
+            owned.add_files(self.out_dir, [f"{TENSORBOARD_DIR}/", f"{TENSORBOARD_DIR}/events.out.tfevents.*"])
+            events = owned.real_dir(self.out_dir / TENSORBOARD_DIR, "TensorBoard events")
             # purge_step: events at or after the checkpoint, from the interrupted attempt, are dropped
-            self._tb = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR), purge_step=resume_at)
+            self._tb = SummaryWriter(str(events), purge_step=resume_at)
         if self.cfg.wandb:
             import wandb
 
+            if (self.out_dir / "wandb").is_symlink():
+                owned.real_dir(self.out_dir / "wandb", "Weights & Biases files")  # refuses the link
+            owned.add_files(self.out_dir, ["wandb/"])
             self._wandb = wandb.init(project=self.cfg.wandb_project, name=self.name, id=run_id, resume="allow",
                                      config=self.run_config, dir=str(self.out_dir))
 

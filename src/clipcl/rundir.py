@@ -2,29 +2,32 @@
 
 Rules (the same for the command line and the Python API):
 - a run starts in an empty or new folder; a non-empty one needs `resume` (continue the run in it) or
-  `overwrite` (replace it);
-- `overwrite` replaces only a folder that holds a clipcl run (a results.json or checkpoint.pt written by
-  clipcl; for the demo, a folder of such runs), never "", ".", "/", the home folder, the current folder
-  or one of its parents; and it removes only the files clipcl writes, never a file of the user's;
+  `overwrite` (replace it). A folder that holds only what a run wrote before its first checkpoint (it was
+  killed, or the disk was full) is that run's, and a new run restarts in it without `overwrite`;
+- a folder is clipcl's when it holds clipcl's marker (`.clipcl.json`, see owned.py), which lists every file
+  the run wrote; `overwrite` replaces only such a folder, never "", ".", "/", the home folder, the current
+  folder or one of its parents, and it removes only the files the marker lists, never a file of the user's
+  (a file of the user's with a name the run writes is refused: it would be replaced);
+- one process at a time: the folder is locked (owned.FolderLock) from `claim` to the end of the run;
 - nothing is removed before every check that can fail has passed: the caller checks the folder
-  (`check`), builds everything (config, data, model), then `claim`s the folder, which tests that it is
-  writable and only then removes the old run's files.
+  (`check`), builds everything (config, data, model), then `claim`s the folder, which locks it, checks it
+  again, tests that it is writable and only then removes the old run's files.
 
 Pure Python: the command line checks the folder before torch is imported.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import owned
 from .config import ConfigError
 
 RESULTS_NAME = "results.json"
 CHECKPOINT_NAME = "checkpoint.pt"
-# Every file a run writes into its folder (checkpoint.py and report.py write them).
+# Every file a run writes into its folder (checkpoint.py, report.py and logs.py write them).
 RUN_FILES = (RESULTS_NAME, CHECKPOINT_NAME, "accuracy_matrix.csv", "accuracy.png", "accuracy_matrix.png",
              "class_weights.png", "log.csv")
 TENSORBOARD_DIR = "tensorboard"  # log.tensorboard: event files (events.out.tfevents.*) in this sub-folder
@@ -32,35 +35,25 @@ TENSORBOARD_DIR = "tensorboard"  # log.tensorboard: event files (events.out.tfev
 DEMO_FILES = ("summary.md", "comparison.png")
 
 
-def _is_clipcl_results(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "config" in data and "clipcl" in (data.get("versions") or {})
-
-
-def _is_clipcl_checkpoint(path: Path) -> bool:
-    """A torch zip whose pickle mentions format_version: read as bytes, never unpickled."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            name = next((n for n in z.namelist() if n.endswith("/data.pkl")), None)
-            return name is not None and b"format_version" in z.read(name)
-    except (OSError, zipfile.BadZipFile, ValueError):
-        return False
-
-
 def is_run_folder(folder: Path) -> bool:
-    """Whether folder holds a run written by clipcl (finished, stopped or interrupted)."""
-    folder = Path(folder)
-    return (_is_clipcl_results(folder / RESULTS_NAME) or _is_clipcl_checkpoint(folder / CHECKPOINT_NAME))
+    """Whether folder holds a run written by clipcl (finished, stopped or interrupted): its marker says so."""
+    return owned.kind_of(folder) == "run"
 
 
 def is_demo_folder(folder: Path) -> bool:
-    """Whether folder holds the demo's output: a summary.md or a sub-folder that is a clipcl run."""
+    """Whether folder holds the demo's output (its marker says so)."""
+    return owned.kind_of(folder) == "demo"
+
+
+def restartable(folder: Path) -> bool:
+    """Whether folder holds only what a run wrote before its first checkpoint (killed, or out of disk space):
+    that run's folder, which a new run may start again in without --overwrite."""
     folder = Path(folder)
-    return (folder / "summary.md").is_file() or any(
-        p.is_dir() and not p.is_symlink() and is_run_folder(p) for p in folder.iterdir())
+    if not is_run_folder(folder) or (folder / CHECKPOINT_NAME).exists() or (folder / RESULTS_NAME).exists():
+        return False
+    mine = owned.listed(folder)
+    return all(name in mine or name.startswith(".") and name.split(".tmp-")[0].lstrip(".") in mine
+               for name in owned.contents(folder))
 
 
 def _protected(out: Path) -> str | None:
@@ -78,14 +71,26 @@ def _protected(out: Path) -> str | None:
     return None
 
 
+def _writes(demo: bool) -> tuple[str, ...]:
+    return DEMO_FILES if demo else (*RUN_FILES, TENSORBOARD_DIR)
+
+
+def _conflicts(out: Path, demo: bool) -> list[str]:
+    """Entries of out that clipcl did not write but whose names it would write (and so replace)."""
+    mine = owned.listed(out)
+    return [name for name in _writes(demo) if (out / name).exists() or (out / name).is_symlink()
+            if name not in mine]
+
+
 def check(out: Path | str, overwrite: bool = False, resume: bool = False, demo: bool = False,
-          methods: tuple[str, ...] = ()) -> Path:
+          methods: tuple[str, ...] = (), locked: bool = False) -> Path:
     """Check that a run may write into out (no change on disk); returns it as a Path.
 
-    ConfigError names the folder and what to do: an empty name, a file where the folder should be, a
-    non-empty folder without resume/overwrite, overwrite of a folder that is not a clipcl run or of a
-    protected folder, resume without a checkpoint, resume and overwrite together. For the demo, each
-    method's sub-folder is checked as a run folder too.
+    ConfigError names the folder and what to do: an empty or too long name, a file where the folder should
+    be, a folder in use by another process, a non-empty folder without resume/overwrite, overwrite of a
+    folder that is not clipcl's or of a protected folder, a file of the user's that the run would replace,
+    resume without a checkpoint or of a folder without clipcl's marker, resume and overwrite together. For
+    the demo, each method's sub-folder is checked as a run folder too.
     """
     if str(out).strip() == "":
         raise ConfigError("--out is empty: give the folder the run should be written to (a new or empty "
@@ -94,40 +99,64 @@ def check(out: Path | str, overwrite: bool = False, resume: bool = False, demo: 
     if resume and overwrite:
         raise ConfigError(f"--resume and --overwrite together: --resume continues the run in '{out}', "
                           "--overwrite replaces it. Give one of them.")
+    owned.check_path_length(out, "--out")
     for parent in [out, *out.parents]:
         if parent.exists() and not parent.is_dir():
             what = "is a file" if parent == out else f"is under '{parent}', which is a file"
             raise ConfigError(f"output folder '{out}' {what}. Choose another --out.")
+    if out.is_dir() and not locked:  # locked: this process holds the lock (claim checks again under it)
+        busy = owned.holder(out)
+        if busy:
+            raise ConfigError(busy)
+    what = "demo output" if demo else "run"
     if resume:
         if not (out / CHECKPOINT_NAME).is_file():
+            if restartable(out):
+                raise ConfigError(f"nothing to resume in '{out}': the run stopped before its first checkpoint. "
+                                  f"Start it again with 'clipcl run CONFIG --out {out}' (it restarts in that "
+                                  "folder).")
             raise ConfigError(f"nothing to resume in '{out}' ({CHECKPOINT_NAME} missing). Start the run "
                               "without --resume.")
+        if not is_run_folder(out):
+            raise ConfigError(f"'{out}' holds a {CHECKPOINT_NAME} but no clipcl marker ({owned.MARKER_NAME}): it "
+                              "was not written by this clipcl, or was copied without its marker, so clipcl will not "
+                              "write into it. Resume it with the clipcl that wrote it, or start a new run.")
         return out
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not owned.contents(out):
+        return out
+    if not demo and restartable(out):
         return out
     for name in methods:
-        if (out / name).exists():
-            check(out / name, overwrite)
+        sub = out / name
+        if sub.is_symlink():
+            raise ConfigError(f"'{sub}' is a symbolic link: the demo writes each method's run into a folder it "
+                              "makes itself. Remove the link, or choose another --out.")
+        if sub.exists():
+            check(sub, overwrite)
+    ours = is_demo_folder(out) if demo else is_run_folder(out)
     if not overwrite:
-        if demo and is_demo_folder(out):
+        if ours and demo:
             raise ConfigError(f"output folder '{out}' is not empty. Use --overwrite to replace the demo output "
                               "in it, or choose another --out.")
-        if not demo and is_run_folder(out):
+        if ours:
             hint = "--resume to continue the run in it, " if (out / CHECKPOINT_NAME).is_file() else ""
             raise ConfigError(f"output folder '{out}' is not empty. Use {hint}--overwrite to replace the run in "
                               "it, or choose another --out.")
-        raise ConfigError(f"output folder '{out}' is not empty and holds no clipcl "
-                          f"{'demo output' if demo else 'run'}: choose another --out (clipcl writes runs into "
-                          "new or empty folders, and never replaces files it did not write).")
+        raise ConfigError(f"output folder '{out}' is not empty and holds no clipcl {what}: choose another --out "
+                          "(clipcl writes into new or empty folders, and never replaces files it did not write).")
     why = _protected(out)
     if why:
         raise ConfigError(f"--overwrite of '{out}' refused: it is {why}. --overwrite replaces a clipcl run's "
                           "folder only: give the run's own folder, e.g. --out runs/my-run.")
-    if not (is_demo_folder(out) if demo else is_run_folder(out)):
-        what = "demo output (summary.md or run folders)" if demo else \
-            f"run ({RESULTS_NAME} or {CHECKPOINT_NAME} written by clipcl)"
-        raise ConfigError(f"--overwrite of '{out}' refused: it is not empty and holds no clipcl {what}; "
-                          "--overwrite only replaces clipcl's own output. Choose another --out.")
+    if not ours:
+        raise ConfigError(f"--overwrite of '{out}' refused: it is not empty and holds no clipcl {what} (no "
+                          f"{owned.MARKER_NAME} marker of a {what}); --overwrite only replaces clipcl's own output. "
+                          "Choose another --out.")
+    clash = _conflicts(out, demo)
+    if clash:
+        raise ConfigError(f"--overwrite of '{out}' refused: it holds {', '.join(repr(c) for c in clash)}, which "
+                          f"clipcl did not write and the {what} would replace. Move {'them' if len(clash) > 1 else 'it'}"
+                          " away, or choose another --out.")
     return out
 
 
@@ -142,41 +171,51 @@ def _writable(out: Path) -> None:
                           "--out, or fix its permissions.") from None
 
 
-def _remove_run_files(folder: Path) -> list[str]:
-    """Remove the files a run writes (links included, never followed); return the names of files kept."""
-    for name in RUN_FILES:
-        p = folder / name
-        if p.is_symlink() or p.is_file():
-            p.unlink()
-        for stale in folder.glob(f".{name}.tmp-*"):
-            if stale.is_symlink() or stale.is_file():
-                stale.unlink()
-    events = folder / TENSORBOARD_DIR
-    if events.is_dir() and not events.is_symlink():
-        for p in events.glob("events.out.tfevents.*"):
-            if p.is_symlink() or p.is_file():
-                p.unlink()
-        if not any(events.iterdir()):
-            events.rmdir()
-    return sorted(p.name for p in folder.iterdir())
+@dataclass
+class Claim:
+    """A folder claimed for one run (or the demo): locked and tracked until `release`."""
+
+    folder: Path
+    kept: list[str] = field(default_factory=list)  # entries clipcl did not write, left in place
+    restarted: bool = False  # a run that had stopped before its first checkpoint, started again
+    lock: owned.FolderLock | None = None
+
+    def release(self) -> None:
+        owned.untrack(self.folder)
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> "Claim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def claim(out: Path | str, overwrite: bool = False, resume: bool = False, demo: bool = False,
-          methods: tuple[str, ...] = ()) -> list[str]:
-    """Check out again, make sure it is writable, and with overwrite remove the old run's files.
+          methods: tuple[str, ...] = ()) -> Claim:
+    """Lock out, check it again, make sure it is writable, and (overwrite, or a run that stopped before its
+    first checkpoint) remove the files the old run's marker lists; then track the folder's writes.
 
-    Call it after everything that can fail has been built. Returns the names of the files in the folder
-    that clipcl did not write and kept (to tell the user). The demo's method sub-folders are claimed by
-    their own runs.
+    Call it after everything that can fail has been built. Returns the Claim: `kept` names the entries of the
+    folder that clipcl did not write (to tell the user); `release()` unlocks the folder at the end. The demo's
+    method sub-folders are claimed by their own runs.
     """
     out = check(out, overwrite, resume, demo, methods)
     _writable(out)
-    if resume or not overwrite:
-        return []
-    if not demo:
-        return _remove_run_files(out)
-    for name in DEMO_FILES:
-        p = out / name
-        if p.is_symlink() or p.is_file():
-            p.unlink()
-    return sorted(p.name for p in out.iterdir() if p.name not in methods)
+    lock = owned.FolderLock(out, "demo" if demo else "run").acquire()
+    try:
+        out = check(out, overwrite, resume, demo, methods, locked=True)  # again, now that no other process can change it
+        result = Claim(out, lock=lock)
+        if not resume:
+            kind = "demo" if demo else "run"
+            if owned.contents(out) and owned.kind_of(out) == kind:
+                result.restarted = not overwrite
+                result.kept = [n for n in owned.remove_listed(out, keep=methods) if n not in methods]
+            else:
+                owned.create_marker(out, kind)
+        owned.track(out)
+        return result
+    except BaseException:
+        lock.release()
+        raise
