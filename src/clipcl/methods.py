@@ -8,7 +8,8 @@ A method owns (the task layer, see the README's Design section):
   `*_loss` terms, backpropagates, and logs the rest;
 - what happens around a task: `before_task(ctx)` (teachers, estimators) and `after_task(ctx)` (memory update,
   stored logits, weight interpolation), with a TaskContext that holds the model, memory, scenario and device;
-- its state (estimators, teachers, telemetry) for checkpoints: tensors and plain values only.
+- its state (estimators, teachers, telemetry) for checkpoints: tensors and plain values only, and
+  `check_state`, which the engine calls on a checkpoint's state before anything is loaded from it.
 The engine never names a method and never reads a method's options.
 
 Notation (METHOD.md): z_i normalised image embedding, t_c normalised text embedding of class c, s the
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from .checkpoint import StateError, need_dict, need_int, need_list, need_number, need_tensor, need_tensors
 from .config import ConfigError, MethodCfg
 from .data.images import ConcatImageSet, ImageSet
 from .data.scenarios import Scenario
@@ -135,6 +137,30 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _cpu(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
     return None if state is None else {k: v.cpu() for k, v in state.items()}
+
+
+def check_buffers(field: str, state, module: nn.Module) -> int:
+    """A checkpointed state of a module of 1-D buffers of one length (an estimator): the module's buffer names,
+    each 1-D and of the module's dtype, all of one length; returns that length (StateError otherwise)."""
+    reference = module.state_dict()
+    need_dict(field, state, list(reference))
+    for k, ref in reference.items():
+        need_tensor(f"{field}.{k}", state[k], dtype=ref.dtype, ndim=1)
+    lengths = [len(state[k]) for k in reference]
+    length = max(lengths, key=lengths.count) if lengths else 0  # the most common: the odd one is named
+    for k in reference:
+        if len(state[k]) != length:
+            raise StateError(f"{field}.{k}", f"must have the length of the other estimates ({length})", state[k])
+    return length
+
+
+def check_weights(field: str, state, model_state: dict[str, torch.Tensor], required: bool, why: str = "") -> None:
+    """A checkpointed copy of the model's weights (a teacher, stored weights): None, or the model's tensors."""
+    if state is None:
+        if required:
+            raise StateError(field, f"must hold the model's weights{f' ({why})' if why else ''}", state)
+        return
+    need_tensors(field, state, model_state)
 
 
 class Method:
@@ -252,6 +278,19 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned."""
         self.task = state["task"]
+
+    def check_state(self, state: dict, model_state: dict[str, torch.Tensor], ctx: TaskContext | None) -> None:
+        """Raise checkpoint.StateError, naming the field ('method.gcl.log_u1'), unless `state` is what
+        state_dict() of this method can have written. Called on a checkpoint's state before anything is loaded.
+
+        model_state: the model's tensors (teachers and stored weights have its keys, shapes and dtypes). ctx: the
+        context of the task the run resumes within (data_size, new_size and steps filled in), None when it
+        resumes between tasks (before_task starts the next one afresh) or after the last. Subclasses check
+        their own entries after calling this.
+        """
+        need_dict("method", state, list(self.state_dict()))
+        need_int("method.task", state["task"], ctx.task if ctx else 0, ctx.task if ctx else None,
+                 "the task the run resumes within" if ctx else "")
 
     def step_state(self) -> dict:
         """The part of the state a training step changes (estimators, telemetry): the engine restores it when
@@ -405,6 +444,17 @@ class GCL(ER):
     def load_step_state(self, state):
         self.load_state_dict(state)
 
+    def check_state(self, state, model_state, ctx):
+        super().check_state(state, model_state, ctx)
+        samples = check_buffers("method.gcl", state["gcl"], self.gcl)
+        classes = check_buffers("method.pgcl", state["pgcl"], self.pgcl)
+        if ctx is not None and samples != ctx.data_size:
+            raise StateError("method.gcl.log_u1", f"must hold one estimate per training sample of task {ctx.task} "
+                             f"({ctx.data_size})", state["gcl"]["log_u1"])
+        if ctx is not None and classes != ctx.n_seen:
+            raise StateError("method.pgcl.log_u", f"must hold one estimate per class seen by task {ctx.task} "
+                             f"({ctx.n_seen})", state["pgcl"]["log_u"])
+
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.gcl.reset(len(state["gcl"]["log_u1"]))
@@ -467,6 +517,19 @@ class GDRO(GCL):
         return {**super().state_dict(), "dro": {k: v.cpu() for k, v in self.dro.state_dict().items()},
                 "telemetry": list(self.telemetry)}
 
+    def check_state(self, state, model_state, ctx):
+        super().check_state(state, model_state, ctx)
+        classes = check_buffers("method.dro", state["dro"], self.dro)
+        if classes != len(state["pgcl"]["log_u"]):
+            raise StateError("method.dro.v", f"must hold one weight per class of the estimators ("
+                             f"{len(state['pgcl']['log_u'])})", state["dro"]["v"])
+        for i, entry in enumerate(need_list("method.telemetry", state["telemetry"])):
+            need_dict(f"method.telemetry[{i}]", entry, ["task", "step", "weights"])
+            need_int(f"method.telemetry[{i}].task", entry["task"])
+            need_int(f"method.telemetry[{i}].step", entry["step"])
+            for j, w in enumerate(need_list(f"method.telemetry[{i}].weights", entry["weights"])):
+                need_number(f"method.telemetry[{i}].weights[{j}]", w)
+
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.dro.reset(len(state["dro"]["v"]))
@@ -500,6 +563,15 @@ class Teacher(Method):
         super().load_state_dict(state)
         self.teacher, self._teacher_state = None, state["teacher"]
 
+    def needs_teacher(self, ctx: TaskContext | None) -> bool:
+        """Whether a run resuming within ctx's task must have a teacher (before_task made one)."""
+        return False
+
+    def check_state(self, state, model_state, ctx):
+        super().check_state(state, model_state, ctx)
+        check_weights("method.teacher", state["teacher"], model_state, self.needs_teacher(ctx),
+                      f"the teacher of task {ctx.task}" if ctx else "")
+
 
 class LwF(Teacher):
     """Learning without Forgetting, for CLIP: fine-tune on D_t and distil the previous model's logits over the
@@ -511,6 +583,9 @@ class LwF(Teacher):
 
     def before_task(self, ctx):
         self.teacher = frozen_copy(ctx.bundle.model) if ctx.task > 0 else None
+
+    def needs_teacher(self, ctx):
+        return ctx is not None and ctx.task > 0
 
     def training_forward(self, model, images, labels, index, step):
         ctx = self.ctx
@@ -551,6 +626,11 @@ class WiSEFT(Method):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.before = state["before"]
+
+    def check_state(self, state, model_state, ctx):
+        super().check_state(state, model_state, ctx)
+        check_weights("method.before", state["before"], model_state, ctx is not None,
+                      "the weights before the task, for the interpolation at its end")
 
 
 @torch.no_grad()
@@ -612,6 +692,14 @@ class ZSCL(Teacher):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.members, self.average = int(state["members"]), state["average"]
+
+    def needs_teacher(self, ctx):
+        return ctx is not None  # the initial model, from the first task on
+
+    def check_state(self, state, model_state, ctx):
+        super().check_state(state, model_state, ctx)
+        need_int("method.members", state["members"], 1 if ctx is not None else 0, None, "the weight ensemble's size")
+        check_weights("method.average", state["average"], model_state, False)
 
 
 class SeenClassReplay(ER):
