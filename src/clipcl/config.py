@@ -2,12 +2,20 @@
 
 Every value a run depends on lives here, is validated before any work starts, and is saved
 (resolved) with every result and checkpoint.
+
+Validation also holds the limits (MAX_*): seeds every generator takes, integers that fit an int64, batch sizes,
+image sizes and process counts with a sane maximum, a training batch that fits the memory available, and a
+replay budget that holds at least one image. Config and grid files are read with `Loader`: at most 1 MiB,
+duplicate keys refused (naming the key and its lines), and aliases that expand to more than a million values
+(an alias bomb) or refer to themselves refused; every such refusal is one line naming the file.
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import functools
 import math
+import os
+import reprlib
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -18,6 +26,132 @@ import yaml
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake; the CLI prints it without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------- limits
+# Values beyond these are mistakes (a stray exponent, a missing unit), refused at validation with one line
+# rather than met later as an overflow, an allocator error or a machine swapping itself to a halt.
+MAX_SEED = 2 ** 32 - 1  # numpy's legacy seeding (np.random.seed, RandomState) takes 0..2**32-1, torch 0..2**64-1
+MAX_INT = 2 ** 63 - 1  # every integer fits an int64 (numpy and torch index and count in int64)
+MAX_BATCH = 2 ** 18  # 262,144 images a step: above the largest published CLIP batches (OpenAI 32k, LAION 160k)
+MAX_IMAGE_SIZE = 4096  # decoded folder images (CLIP models take 224-448 px; 4096 px is 50 MB an image)
+MAX_DECODE_WORKERS = 512  # decoding processes (each is a fork of the run; more than any machine's cores)
+MAX_YAML_BYTES = 2 ** 20  # a config or grid file holds a few keys: 1 MiB is far more than any needs
+MAX_YAML_VALUES = 1_000_000  # YAML values after aliases are expanded (a 1 MiB file holds about 350,000)
+MIN_ENCODED_BYTES = {"png": 67, "jpeg": 300}  # no PNG file is smaller (signature + IHDR + IDAT + IEND); PIL's
+#                                               JPEGs carry 600+ bytes of tables (332 for a grey 1x1 image)
+
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlong, _repr.maxlevel = 120, 120, 60, 3
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 8
+
+
+def show(value: Any) -> str:
+    """repr() of a value, cut to fit one line (a value may be a list of a million items)."""
+    return _repr.repr(value)
+
+
+def size_text(n: float) -> str:
+    """Bytes as '1.5 GB' (decimal units)."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n} bytes"  # not reached
+
+
+# ---------------------------------------------------------------------------------------------- YAML
+class YamlLimitError(yaml.YAMLError):
+    """A YAML document clipcl refuses although it parses: a duplicate key, an alias bomb, a recursive alias."""
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys (the last would silently win) and documents whose aliases
+    expand to more than MAX_YAML_VALUES values or refer to themselves (a 'billion laughs' file would take
+    minutes and all memory to expand when a value is printed or copied)."""
+
+    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        seen: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
+                continue  # '<<: *base' merges are meant to be overridden by the keys next to them
+            line = key.start_mark.line + 1
+            ident = (key.tag, key.value)
+            if ident in seen:
+                raise YamlLimitError(f"key '{show(key.value)[1:-1]}' appears twice (lines {seen[ident]} and {line}); "
+                                     "YAML would silently keep the last value. Remove one of them")
+            seen[ident] = line
+        return node
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        _count_values(node)
+        return node
+
+
+def _count_values(root: yaml.Node) -> int:
+    """Values of the document once its aliases are expanded (each node counted once per reference)."""
+    memo: dict[int, int | None] = {}
+
+    def count(node: yaml.Node) -> int:
+        key = id(node)
+        if key in memo:
+            if memo[key] is None:
+                raise YamlLimitError("an alias refers to a value that holds it (a recursive structure); write the "
+                                     "values out without anchors (&) and aliases (*)")
+            return memo[key]  # type: ignore[return-value]
+        memo[key] = None
+        n = 1
+        if isinstance(node, yaml.SequenceNode):
+            n += sum(count(c) for c in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n += sum(count(k) + count(v) for k, v in node.value)
+        if n > MAX_YAML_VALUES:
+            raise YamlLimitError(f"its aliases (*name) expand to more than {MAX_YAML_VALUES:,} values (an alias "
+                                 "bomb); write the values out without anchors (&) and aliases (*)")
+        memo[key] = n
+        return n
+
+    return count(root)
+
+
+def parse_yaml(text: str) -> Any:
+    """One YAML document with Loader; raises YamlLimitError (refused) or another yaml.YAMLError (invalid)."""
+    loader = Loader(text)
+    try:
+        return loader.get_single_data()
+    except RecursionError:
+        raise YamlLimitError("lists or mappings nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: Path, what: str = "config") -> Any:
+    """The YAML document of a config or grid file; any problem is a ConfigError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} file '{path}': {e.strerror or e}.") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"{what} file '{path}' is larger than {MAX_YAML_BYTES // 2 ** 20} MiB; a {what} file "
+                          "holds a few keys: is it the right file?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        hint = (" Give a YAML file of config keys, or a shipped benchmark name ('clipcl list benchmarks')."
+                if what == "config" else " Give a YAML grid file, or a shipped grid name ('clipcl list grids').")
+        raise ConfigError(f"{what} file '{path}' is not a text file (not UTF-8).{hint}") from None
+    try:
+        return parse_yaml(text)
+    except YamlLimitError as e:
+        raise ConfigError(f"{what} file '{path}' is refused: {e}.") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} file '{path}' is not valid YAML: {' '.join(str(e).split())}") from None
 
 
 @dataclass(frozen=True)
@@ -182,17 +316,122 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 def _check(ok: bool, key: str, value: Any, what: str) -> None:
     if not ok:
-        raise ConfigError(f"config key '{key}' = {value!r}: {what}")
+        raise ConfigError(f"config key '{key}' = {show(value)}: {what}")
 
 
-def _check_finite(cfg: Any, prefix: str = "") -> None:
-    """Every float of the config is a real number: inf and nan pass every range check and fail much later."""
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if is_dataclass(value):
-            _check_finite(value, prefix + f.name + ".")
-        elif isinstance(value, float):
-            _check(math.isfinite(value), prefix + f.name, value, "must be a finite number")
+def _check_numbers(cfg: Any, prefix: str = "") -> None:
+    """Every float of the config is a real number (inf and nan pass every range check and fail much later) and
+    every integer fits an int64 (a larger one overflows in numpy or torch, far from the key that caused it)."""
+    for name, value in vars(cfg).items():  # by type, not isinstance: a sweep validates thousands of configs
+        kind = type(value)
+        if kind is float:
+            if not math.isfinite(value):
+                _check(False, prefix + name, value, "must be a finite number")
+        elif kind is int:
+            if not -MAX_INT <= value <= MAX_INT:
+                _check(False, prefix + name, value, f"is too large (at most {MAX_INT:,})")
+        elif kind is tuple:
+            big = [v for v in value if isinstance(v, int) and abs(v) > MAX_INT]
+            if big:
+                _check(False, prefix + name, list(value), f"holds {show(big[0])}, too large (at most {MAX_INT:,})")
+        elif is_dataclass(value):
+            _check_numbers(value, prefix + name + ".")
+
+
+# What validation knows of the registered datasets without loading them (the loaders live in data/, which
+# imports torch): the shape of an image as loaded (None: decoded at scenario.image_size) and the number of
+# classes (None: found in the files). tests/test_faults_limits.py checks it against the loaders.
+DATASET_FACTS: dict[str, tuple[tuple[int, int, int] | None, int | None]] = {
+    "fashion_mnist": ((1, 28, 28), 10), "fmnist_dil": ((1, 28, 28), 10), "fmnist_pretrain": ((1, 28, 28), 10),
+    "fmnist_stream": ((1, 28, 28), 10), "fmnist_dil_stream": ((1, 28, 28), 10), "cifar100": ((3, 32, 32), 100),
+    "imagenet": (None, None), "imagenet100": (None, 100), "domainnet": (None, None), "imagefolder": (None, None),
+}
+
+
+def image_shape(s: "ScenarioCfg") -> tuple[int, int, int] | None:
+    """(C, H, W) of the dataset's images as a batch holds them; None for a dataset validation does not know."""
+    if s.dataset not in DATASET_FACTS:
+        return None
+    shape = DATASET_FACTS[s.dataset][0]
+    return shape or (3, s.image_size, s.image_size)
+
+
+def _stream_classes(s: "ScenarioCfg") -> tuple[int, int | None]:
+    """(classes the first task brings, classes seen after the last task or None if only the data can say)."""
+    n = DATASET_FACTS.get(s.dataset, (None, None))[1]
+    if s.kind == "dil":
+        return (n or 1), n
+    avail = len(s.classes) if s.classes else n
+    first = s.initial_classes or s.classes_per_task
+    if avail:
+        first = min(first, avail)
+    if s.n_tasks:
+        last = first + (s.n_tasks - 1) * s.classes_per_task
+        return first, (min(last, avail) if avail else last)
+    return first, avail
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable; the physical memory elsewhere)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(cfg: "RunCfg") -> None:
+    """A replay budget that holds no image, and a training batch larger than the memory available, refused."""
+    s, m, o = cfg.scenario, cfg.memory, cfg.optim
+    shape = image_shape(s)
+    if shape is None:
+        return
+    pixels = shape[0] * shape[1] * shape[2]
+    dims = "x".join(map(str, shape))
+    first, last = _stream_classes(s)
+    if m.bytes:
+        image = pixels if m.codec == "raw" else MIN_ENCODED_BYTES[m.codec]
+        takes = (f"one {dims} image takes {image:,} bytes raw" if m.codec == "raw" else
+                 f"no {m.codec} file of an image is smaller than {image} bytes")
+        for n, when in ((first, "the first task"), (last, "the last task")):
+            if n and m.bytes // n < image:
+                need = image * (last or first)
+                raise ConfigError(
+                    f"config key 'memory.bytes' = {m.bytes:,} holds no image: split over the {n} classes of {when}, "
+                    f"each class gets {m.bytes // n:,} bytes, and {takes}. Set memory.bytes to at least {need:,} "
+                    f"(one image of each of the {last or first} classes{'' if last else ' of the first task'}), "
+                    "or to 0 to count images with memory.per_class")
+    elif m.total:
+        for n, when in ((first, "the first task"), (last, "the last task")):
+            if n and m.total < n:
+                raise ConfigError(
+                    f"config key 'memory.total' = {m.total:,} holds no image: split over the {n} classes of {when}, "
+                    f"each class gets {m.total // n} images. Set memory.total to at least {last or first} (one image "
+                    "per class), or use memory.per_class")
+    need = o.batch_size * pixels * 5  # uint8 as decoded, float32 as the model takes them; the first task's step
+    if need > 2 ** 30:  # (later steps add as many memory images) only a large batch is worth reading meminfo
+        avail = available_memory()
+        if avail and need > avail:
+            size = f" (scenario.image_size = {s.image_size})" if DATASET_FACTS[s.dataset][0] is None else ""
+            raise ConfigError(
+                f"config key 'optim.batch_size' = {o.batch_size:,}: a training step holds {o.batch_size:,} images of "
+                f"{dims}{size} as uint8 and float32, at least {size_text(need)}, more than the "
+                f"{size_text(avail)} of memory available. Lower optim.batch_size"
+                + (" or scenario.image_size (the model resizes its input anyway)" if size else ""))
+
+
+def _is_dir(path: str) -> tuple[bool, str]:
+    """(is a folder, why not) without the OSError a too-long name raises."""
+    try:
+        return Path(path).expanduser().is_dir(), "no such folder"
+    except OSError as e:
+        return False, e.strerror or str(e)
 
 
 def validate(cfg: RunCfg) -> None:
@@ -201,10 +440,10 @@ def validate(cfg: RunCfg) -> None:
     Everything that can be checked without data or a model is checked here, so that a bad value fails
     before any work starts (and before --overwrite replaces an old run).
     """
-    _check_finite(cfg)
-    _check(cfg.seed >= 0, "seed", cfg.seed, "must be 0 or more (seeds are non-negative integers)")
-    _check(cfg.scenario.order_seed >= 0, "scenario.order_seed", cfg.scenario.order_seed,
-           "must be 0 or more (seeds are non-negative integers)")
+    for key, seed in (("seed", cfg.seed), ("scenario.order_seed", cfg.scenario.order_seed)):
+        _check(seed >= 0, key, seed, "must be 0 or more (seeds are non-negative integers)")
+        _check(seed <= MAX_SEED, key, seed, f"must be at most {MAX_SEED:,} = 2**32-1 (numpy's seeds are 32-bit)")
+    _check_numbers(cfg)
     _check(bool(cfg.model.name.strip()), "model.name", cfg.model.name,
            "must name an open_clip architecture ('clipcl list models')")
     _check(bool(cfg.scenario.dataset.strip()), "scenario.dataset", cfg.scenario.dataset,
@@ -217,12 +456,18 @@ def validate(cfg: RunCfg) -> None:
     for key in ("initial_classes", "n_tasks", "train_per_class", "test_per_class", "val_per_class"):
         _check(getattr(s, key) >= 0, f"scenario.{key}", getattr(s, key), "must be 0 or more")
     _check(s.image_size >= 1, "scenario.image_size", s.image_size, "must be a positive number of pixels")
+    _check(s.image_size <= MAX_IMAGE_SIZE, "scenario.image_size", s.image_size,
+           f"must be at most {MAX_IMAGE_SIZE} pixels (one decoded image of that size takes "
+           f"{size_text(3 * MAX_IMAGE_SIZE ** 2)}); CLIP models take 224 to 448")
     _check(s.decode_workers >= 0, "scenario.decode_workers", s.decode_workers, "must be 0 or more")
+    _check(s.decode_workers <= MAX_DECODE_WORKERS, "scenario.decode_workers", s.decode_workers,
+           f"must be at most {MAX_DECODE_WORKERS} processes (about the CPU count, at most)")
     _check(len(set(s.classes)) == len(s.classes), "scenario.classes", list(s.classes), "has repeated classes")
     # An explicit data folder that is not there is a typo, not a cue to look elsewhere (or to download).
-    _check(not s.root or s.download or Path(s.root).expanduser().is_dir(), "scenario.root", s.root,
-           "no such folder (and scenario.download is false). Give the folder that holds the dataset, "
-           "or leave scenario.root empty to use $CLIPCL_DATA and the usual places")
+    if s.root and not s.download:
+        ok, why = _is_dir(s.root)
+        _check(ok, "scenario.root", s.root, f"{why} (and scenario.download is false). Give the folder that holds "
+               "the dataset, or leave scenario.root empty to use $CLIPCL_DATA and the usual places")
     _check(m.per_class >= 0, "memory.per_class", m.per_class, "must be 0 or more (images per class)")
     _check(m.total >= 0, "memory.total", m.total, "must be 0 or more (0 = use memory.per_class)")
     _check(m.bytes >= 0, "memory.bytes", m.bytes, "must be 0 or more (0 = count images, not bytes)")
@@ -231,6 +476,9 @@ def validate(cfg: RunCfg) -> None:
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be 0 or more")
     _check(o.epochs > 0, "optim.epochs", o.epochs, "must be positive")
     _check(o.batch_size >= 2, "optim.batch_size", o.batch_size, "must be at least 2 (a contrastive loss needs pairs)")
+    for key, batch in (("optim.batch_size", o.batch_size), ("eval.batch_size", cfg.eval.batch_size)):
+        _check(batch <= MAX_BATCH, key, batch, f"must be at most {MAX_BATCH:,} images (the largest published CLIP "
+               "batches are 32,768 to 160,000, over hundreds of GPUs)")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be 0 or more")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be 0 (off) or more")
     _check(o.max_steps >= 0, "optim.max_steps", o.max_steps, "must be 0 (no cap) or more")
@@ -269,6 +517,7 @@ def validate(cfg: RunCfg) -> None:
     # Without held-out images a val evaluation would have nothing to measure: every row of R would be empty.
     _check(cfg.eval.split != "val" or s.val_per_class > 0, "eval.split", cfg.eval.split,
            "needs a validation split: set scenario.val_per_class to 1 or more")
+    _check_memory(cfg)
 
 
 def get_value(cfg: Any, dotted: str) -> Any:
@@ -278,43 +527,60 @@ def get_value(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+@functools.lru_cache(maxsize=None)
+def _layout(cls: type) -> tuple[tuple[str, type | None, Any], ...]:
+    """(name, section class or None, type) of each field of a config class, in order.
+
+    Cached: typing.get_type_hints evaluates the annotations, which dominated building a config (a sweep builds
+    thousands).
+    """
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name] if is_dataclass(hints[f.name]) else None, hints[f.name]) for f in fields(cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _types(cls: type) -> dict[str, tuple[type | None, Any]]:
+    return {name: (section, typ) for name, section, typ in _layout(cls)}
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain, YAML/JSON-ready dict of a config (tuples become lists)."""
-    out = dataclasses.asdict(cfg)
-
-    def fix(x: Any) -> Any:
-        if isinstance(x, dict):
-            return {k: fix(v) for k, v in x.items()}
-        if isinstance(x, (tuple, list)):
-            return [fix(v) for v in x]
-        return x
-
-    return fix(out)
+    out: dict[str, Any] = {}
+    for name, section, _ in _layout(type(cfg)):
+        value = getattr(cfg, name)
+        if section is not None:
+            out[name] = to_dict(value)
+        elif isinstance(value, (tuple, list)):
+            out[name] = list(value)
+        else:
+            out[name] = value
+    return out
 
 
 def valid_keys(cls: type = RunCfg, prefix: str = "") -> list[str]:
     """Every dotted key a config accepts."""
-    hints = typing.get_type_hints(cls)
     keys = []
-    for f in fields(cls):
-        t = hints[f.name]
-        if is_dataclass(t):
-            keys += valid_keys(t, prefix + f.name + ".")
+    for name, section, _ in _layout(cls):
+        if section is not None:
+            keys += valid_keys(section, prefix + name + ".")
         else:
-            keys.append(prefix + f.name)
+            keys.append(prefix + name)
     return keys
+
+
+_origin = functools.lru_cache(maxsize=None)(typing.get_origin)
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Convert a YAML value to the field's type, or raise ConfigError naming the key."""
-    origin = typing.get_origin(typ)
+    origin = _origin(typ)
     if origin is tuple:
         if value is None:
             return ()
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' = {value!r}: expected a list")
+            raise ConfigError(f"config key '{key}' = {show(value)}: expected a list")
         (inner, _) = typing.get_args(typ)
         return tuple(_coerce(key, v, inner) for v in value)
     if typ is bool:
@@ -322,29 +588,31 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"config key '{key}' = {value!r}: expected true or false")
+        raise ConfigError(f"config key '{key}' = {show(value)}: expected true or false")
     if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"config key '{key}' = {value!r}: expected a whole number")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value  # exact, however large (validate() says when it is too large)
+        if isinstance(value, bool) or not isinstance(value, (float, str)):
+            raise ConfigError(f"config key '{key}' = {show(value)}: expected a whole number")
         try:
             f = float(value)
-        except ValueError:
-            raise ConfigError(f"config key '{key}' = {value!r}: expected a whole number") from None
+        except (ValueError, OverflowError):
+            raise ConfigError(f"config key '{key}' = {show(value)}: expected a whole number") from None
         if not math.isfinite(f) or f != int(f):
-            raise ConfigError(f"config key '{key}' = {value!r}: expected a whole number")
+            raise ConfigError(f"config key '{key}' = {show(value)}: expected a whole number")
         return int(f)
     if typ is float:
         if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' = {value!r}: expected a number")
+            raise ConfigError(f"config key '{key}' = {show(value)}: expected a number")
         try:
             return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config key '{key}' = {value!r}: expected a number") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"config key '{key}' = {show(value)}: expected a number") from None
     if typ is str:
         if value is None:
             return ""
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"config key '{key}' = {value!r}: expected a string")
+            raise ConfigError(f"config key '{key}' = {show(value)}: expected a string")
         return str(value)
     return value
 
@@ -352,33 +620,57 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 def _unknown_key(key: str) -> ConfigError:
     close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{key}'.{hint} Run 'clipcl list keys' to see every key.")
+    return ConfigError(f"unknown config key '{show(key)[1:-1]}'.{hint} Run 'clipcl list keys' to see every key.")
 
 
 def from_dict(data: dict[str, Any], cls: type = RunCfg, prefix: str = "") -> Any:
     """Build a (nested) config from a dict, checking every key and type."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {show(data)}")
+    types = _types(cls)
     kwargs = {}
     for key, value in data.items():
-        if key not in names:
+        if key not in types:
             raise _unknown_key(prefix + str(key))
-        typ = hints[key]
-        if is_dataclass(typ):
-            kwargs[key] = from_dict(value or {}, typ, prefix + key + ".")
+        section, typ = types[key]
+        if section is not None:
+            kwargs[key] = from_dict(value or {}, section, prefix + key + ".")
         else:
             kwargs[key] = _coerce(prefix + key, value, typ)
     return cls(**kwargs)
 
 
-def apply_overrides(cfg: RunCfg, overrides: list[str]) -> RunCfg:
-    """Apply 'a.b=value' strings (values parsed as YAML) to a config."""
-    data = to_dict(cfg)
+@functools.lru_cache(maxsize=4096)
+def _parse_scalar(raw: str) -> tuple[bool, Any]:
+    """(parsed, value) of an override's text when it is a single YAML scalar; (False, None) otherwise.
+
+    Cached: a sweep's cells repeat the same few texts thousands of times, and PyYAML is pure Python here.
+    """
+    value = parse_yaml(raw)
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return True, value
+    return False, None
+
+
+def _override_value(key: str, raw: str) -> Any:
+    if not raw.strip():
+        return ""
+    try:
+        parsed, value = _parse_scalar(raw)
+        return value if parsed else parse_yaml(raw)  # lists and mappings are parsed afresh: they are mutable
+    except YamlLimitError as e:
+        raise ConfigError(f"override '{key}=...' is refused: {e}.") from None
+    except yaml.YAMLError:
+        return raw
+
+
+def overridden(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> RunCfg:
+    """The config of a to_dict() dict with 'a.b=value' strings applied (data itself is left as it was)."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}  # the sections are replaced
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value (for example method.name=er)")
+            raise ConfigError(f"override '{show(item)[1:-1]}' is not of the form key=value (for example "
+                              "method.name=er)")
         key, raw = item.split("=", 1)
         key = key.strip()
         parts = key.split(".")
@@ -389,28 +681,25 @@ def apply_overrides(cfg: RunCfg, overrides: list[str]) -> RunCfg:
             node = node[part]
         if parts[-1] not in node or isinstance(node[parts[-1]], dict):
             raise _unknown_key(key)
-        try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            node[parts[-1]] = raw
+        node[parts[-1]] = _override_value(key, raw)
     return from_dict(data)
+
+
+def apply_overrides(cfg: RunCfg, overrides: list[str]) -> RunCfg:
+    """Apply 'a.b=value' strings (values parsed as YAML) to a config."""
+    return overridden(to_dict(cfg), overrides)
 
 
 def load_config(path_or_name: str | Path, overrides: list[str] | None = None) -> RunCfg:
     """Load a YAML file or a shipped benchmark config by name, then apply overrides."""
     from .benchmarks import config_path
 
-    path = config_path(str(path_or_name))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file '{path}' is not a text file (not UTF-8). Give a YAML file of "
-                          "config keys, or a shipped benchmark name ('clipcl list benchmarks').") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file '{path}': {e.strerror or e}.") from None
-    except yaml.YAMLError as e:
-        detail = " ".join(str(e).split())
-        raise ConfigError(f"config file '{path}' is not valid YAML: {detail}") from None
+        path = config_path(str(path_or_name))
+    except OSError as e:  # a name too long for the file system, a folder that cannot be read
+        raise ConfigError(f"config '{show(str(path_or_name))[1:-1]}': {e.strerror or e}. Give a YAML file of config "
+                          "keys, or a shipped benchmark name ('clipcl list benchmarks').") from None
+    data = read_yaml(path, "config") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
     try:
@@ -418,4 +707,3 @@ def load_config(path_or_name: str | Path, overrides: list[str] | None = None) ->
     except ConfigError as e:  # name the file: the key alone does not say where to fix it
         raise ConfigError(f"in config file '{path}': {e}") from None
     return apply_overrides(cfg, overrides or [])
-

@@ -14,16 +14,22 @@ Every image is stored as one uint8 tensor: raw pixels [C, H, W], or the encoded 
 lossless, JPEG lossy). `nbytes` counts exactly those bytes. Images are decoded when a batch reads them.
 Methods may attach a per-image tensor (`aux`, e.g. DER++'s logits) that is kept, shrunk and checkpointed
 with its image.
+
+A bytes budget too small for any image is refused: by validation where the image size is known before the data
+(raw pixels of a dataset of fixed size, or smaller than any PNG or JPEG file), otherwise when the first task's
+images come in and none fits (a ConfigError naming memory.bytes and the smallest budget that would hold one
+image per class).
 """
 from __future__ import annotations
 
 import io
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import ConfigError
 from .data.images import ImageSet
 
 CODECS = ("raw", "png", "jpeg")
@@ -99,6 +105,7 @@ class ReplayMemory:
         self.groups: dict[Key, list[torch.Tensor]] = {}  # (task, class) -> stored images, in selection order
         self.aux: dict[Key, list[torch.Tensor]] = {}  # (task, class) -> a method's tensor per image
         self.channels = 0
+        self._smallest = 0
 
     @property
     def classes(self) -> list[int]:
@@ -159,6 +166,8 @@ class ReplayMemory:
         """
         if self.selection == "herding" and features is None:
             raise ValueError("herding selection needs the features of the task's images")
+        was_empty = not self.groups
+        self._smallest = 0  # the smallest encoded image that did not fit its share (a budget holding none)
         new_classes = np.unique(data.targets).tolist()
         keys = list(self.groups) + [(task, c) for c in new_classes if (task, c) not in self.groups]
         shares = self._shares(keys, len({c for _, c in keys}))
@@ -184,6 +193,13 @@ class ReplayMemory:
             if not self.groups[key]:
                 del self.groups[key]
                 self.aux.pop(key, None)
+        if self.bytes and was_empty and not self.groups and len(data) and self._smallest:
+            n = len({c for _, c in keys})
+            raise ConfigError(
+                f"config key 'memory.bytes' = {self.bytes:,} holds no image: split over the {n} classes of task "
+                f"{task}, each class gets {self.bytes // n:,} bytes, and the smallest of its images that was tried "
+                f"takes {self._smallest:,} bytes as {self.codec}. Set memory.bytes to at least {self._smallest * n:,} "
+                "(one image per class; more for the classes to come), or to 0 to count images with memory.per_class")
         return added
 
     def _take(self, data: ImageSet, pos: np.ndarray, order: Iterator[int], share: int) -> list[torch.Tensor]:
@@ -199,6 +215,8 @@ class ReplayMemory:
             for image in images:
                 x = encode(image, self.codec, self.quality)
                 if self.bytes and used + x.numel() > share:
+                    if not items:
+                        self._smallest = min(self._smallest or x.numel(), x.numel())
                     return items
                 items.append(x)
                 used += x.numel()
@@ -229,6 +247,64 @@ class ReplayMemory:
                 "quality": self.quality, "selection": self.selection, "channels": self.channels,
                 "keys": keys, "images": [list(self.groups[k]) for k in keys],
                 "aux": [list(self.aux.get(k, [])) for k in keys]}
+
+    def check_state(self, state: dict, task_classes: Sequence[Sequence[int]], n_classes: int) -> None:
+        """Raise checkpoint.StateError (naming the field) unless `state` is what state_dict() of this memory
+        can have written after the tasks whose classes are task_classes (one entry per task trained): the same
+        budgets, groups of those tasks and classes, images of one form, method tensors beside them."""
+        from .checkpoint import StateError, is_int, need_dict, need_int, need_list, need_tensor
+
+        need_dict("memory", state, ["per_class", "total", "bytes", "codec", "quality", "selection", "channels",
+                                    "keys", "images", "aux"])
+        for name in ("per_class", "total", "bytes", "codec", "quality", "selection"):
+            if state[name] != getattr(self, name) or type(state[name]) is not type(getattr(self, name)):
+                raise StateError(f"memory.{name}", f"differs from the run's config ({getattr(self, name)!r})",
+                                 state[name])
+        channels = need_int("memory.channels", state["channels"], 0, None)
+        keys = need_list("memory.keys", state["keys"])
+        images = need_list("memory.images", state["images"], len(keys), "one group of images per key")
+        aux = need_list("memory.aux", state["aux"], len(keys), "one list of method tensors per key")
+        seen: set[tuple[int, int]] = set()
+        shape = None
+        for i, key in enumerate(keys):
+            if not (isinstance(key, (list, tuple)) and len(key) == 2 and all(is_int(v) for v in key)):
+                raise StateError(f"memory.keys[{i}]", "must be a (task, class) pair of whole numbers", key)
+            task, label = key
+            if not 0 <= task < len(task_classes):
+                trained = f"the tasks trained are 0 to {len(task_classes) - 1}" if task_classes else "none is trained"
+                raise StateError(f"memory.keys[{i}]", f"names task {task}, but {trained}", key)
+            if not 0 <= label < n_classes:
+                raise StateError(f"memory.keys[{i}]", f"names class {label}, but the scenario's classes are 0 to "
+                                 f"{n_classes - 1}", key)
+            if label not in task_classes[task]:
+                raise StateError(f"memory.keys[{i}]", f"names class {label}, which task {task} does not bring", key)
+            if (task, label) in seen:
+                raise StateError(f"memory.keys[{i}]", "appears twice", key)
+            seen.add((task, label))
+            group = need_list(f"memory.images[{i}]", images[i])
+            if not group:
+                raise StateError(f"memory.images[{i}]", "is empty (clipcl drops empty groups)")
+            for j, x in enumerate(group):
+                field = f"memory.images[{i}][{j}]"
+                need_tensor(field, x, dtype=torch.uint8)
+                if self.codec == "raw":
+                    need_tensor(field, x, ndim=3, why="raw pixels [C, H, W]")
+                    shape = shape or tuple(x.shape)
+                    need_tensor(field, x, shape=shape, why="as the memory's other images")
+                    if x.shape[0] != channels:
+                        raise StateError(field, f"has {x.shape[0]} channels, memory.channels says {channels}", x)
+                elif x.ndim != 1 or x.numel() == 0:
+                    raise StateError(field, f"must be the non-empty bytes of a {self.codec} file", x)
+            if not channels:
+                raise StateError("memory.channels", "must be 1 or more for a memory that holds images", channels)
+            extra = need_list(f"memory.aux[{i}]", aux[i])
+            if extra and len(extra) != len(group):
+                raise StateError(f"memory.aux[{i}]", f"must be empty or hold one tensor per image ({len(group)})",
+                                 extra)
+            for j, x in enumerate(extra):
+                need_tensor(f"memory.aux[{i}][{j}]", x, ndim=1, floating=True)
+                if len(x) > n_classes:
+                    raise StateError(f"memory.aux[{i}][{j}]", f"holds more values than the {n_classes} classes", x)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a memory saved with state_dict()."""

@@ -507,16 +507,58 @@ def load_domainnet(cfg: ScenarioCfg) -> Dataset:
 TEST_DIRS = ("test", "val")
 
 
+def same_name_key(name: str) -> str:
+    """What a class name reads as in a prompt, for telling two names apart: case-folded, '_' as a space, runs of
+    spaces as one ('Cat', 'cat' and 'CAT_' are one class to a CLIP)."""
+    return " ".join(name.replace("_", " ").casefold().split())
+
+
+def _first_same_names(names: list[str]) -> tuple[int, int] | None:
+    """Positions (i, j), i < j, of the first two names that read the same (same_name_key), or None."""
+    seen: dict[str, int] = {}
+    for j, name in enumerate(names):
+        i = seen.setdefault(same_name_key(name), j)
+        if i != j:
+            return i, j
+    return None
+
+
 def _folder_classnames(root: Path, folders: list[str]) -> list[str]:
-    """Names of the class folders: ROOT/classnames.txt (one per line, in sorted folder order) or the folder names."""
+    """Names of the class folders: ROOT/classnames.txt (one per line, in sorted folder order) or the folder names.
+
+    Two classes whose names read the same (case and '_' aside) are refused: their prompts would be identical, so
+    a CLIP could not tell the classes apart, and every accuracy would quietly halve between them.
+    """
     names_file = root / "classnames.txt"
     if not names_file.is_file():
-        return [f.replace("_", " ") for f in folders]
-    names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+        names = [f.replace("_", " ") for f in folders]
+        same = _first_same_names(names)
+        if same:
+            i, j = same
+            raise ConfigError(f"'{root}': the class folders '{folders[i]}' and '{folders[j]}' give the same class name "
+                              f"'{same_name_key(names[j])}' (names are compared ignoring case and '_'), so their "
+                              "prompts are identical and a CLIP cannot tell the classes apart. Merge or rename one "
+                              f"of the folders, or give every class a distinct name in '{names_file}' (one line per "
+                              "class folder, in sorted folder-name order).")
+        return names
+    try:
+        text = names_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read '{names_file}' ({getattr(e, 'strerror', None) or e}); it should be a text "
+                          "file of one class name per line.") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    names = [name for _, name in lines]
     if len(names) != len(folders):
         raise ConfigError(f"'{names_file}' holds {len(names)} names but there are {len(folders)} class folders "
                           f"({', '.join(folders[:5])}{', ...' if len(folders) > 5 else ''}). It needs one line per "
                           "class folder, in sorted folder-name order.")
+    same = _first_same_names(names)
+    if same:
+        (i, j), (li, lj) = same, (lines[same[0]][0], lines[same[1]][0])
+        raise ConfigError(f"'{names_file}' gives the same class name to two classes: line {li} '{names[i]}' (folder "
+                          f"'{folders[i]}') and line {lj} '{names[j]}' (folder '{folders[j]}'); names are compared "
+                          "ignoring case and '_', and identical prompts make the classes indistinguishable to a "
+                          "CLIP. Give every class a distinct name.")
     return names
 
 

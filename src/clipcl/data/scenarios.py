@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import ConfigError, ScenarioCfg
 from .datasets import Dataset, load_dataset
-from .images import FileStore, ImageSet
+from .images import FileStore, ImageSet, TensorStore
 
 
 @dataclass(frozen=True)
@@ -320,6 +320,53 @@ def with_validation(scenario: Scenario, per_class: int, seed: int, streams: Sequ
     return replace(scenario, tasks=tuple(tasks), notes=notes)
 
 
+def _cap_warning(key: str, cap: int, what: str, sets: Sequence[ImageSet], used: Sequence[int],
+                 classnames: Sequence[str]) -> str | None:
+    """A line when a per-class cap (scenario.train_per_class, test_per_class) leaves classes below it: every
+    class of the stream (the cap changes nothing), or some of them (they keep all they have)."""
+    if cap <= 0:
+        return None
+    counts: dict[int, int] = {}
+    for images in sets:  # the splits the cap was applied to, before it was (one per domain in DIL)
+        labels, n = np.unique(images.targets, return_counts=True)
+        for c, k in zip(labels.tolist(), n.tolist()):
+            counts[c] = max(counts.get(c, 0), k)
+    have = [(c, counts.get(c, 0)) for c in used]
+    short = [(c, k) for c, k in have if k < cap]
+    if not short:
+        return None
+    most = max((k for _, k in have), default=0)
+    if len(short) == len(have):
+        return (f"{key} = {cap:,} is more than any class has: no class of the stream has more than {most:,} {what} "
+                "images, so every one is kept (the cap changes nothing)")
+    listing = _listing([f"{_short(classnames[c])} ({k:,})" for c, k in sorted(short, key=lambda x: x[1])])
+    verb = "has" if len(short) == 1 else "have"
+    return (f"{key} = {cap:,}: {len(short)} of the stream's {len(have)} classes {verb} fewer {what} images and "
+            f"keep all of theirs: {listing}")
+
+
+def _said(ds: Dataset, cfg: ScenarioCfg, used: Sequence[int], train: Sequence[ImageSet],
+          test: Sequence[ImageSet]) -> dict:
+    """The dataset's notes plus a warning for each value the data ignores or caps (a copy: the dataset's own
+    notes stay as they were)."""
+    lines = [_cap_warning("scenario.train_per_class", cfg.train_per_class, "training", train, used, ds.classnames),
+             _cap_warning("scenario.test_per_class", cfg.test_per_class, "test", test, used, ds.classnames)]
+    store = getattr(next(iter(train), None), "store", None)
+    if isinstance(store, TensorStore):  # images decoded once into memory: the decoding settings do not apply
+        dims = "x".join(str(d) for d in store.images.shape[1:])
+        if cfg.image_size != ScenarioCfg.image_size:
+            lines.append(f"scenario.image_size = {cfg.image_size} is ignored: {cfg.dataset}'s images are {dims} in "
+                         "memory (only folder datasets are decoded at scenario.image_size; the model resizes its "
+                         "input to its own size)")
+        if cfg.decode_workers != ScenarioCfg.decode_workers:
+            lines.append(f"scenario.decode_workers = {cfg.decode_workers} is ignored: {cfg.dataset}'s images are "
+                         "in memory, no file is decoded")
+    lines = [line for line in lines if line]
+    if not lines:
+        return ds.notes
+    return {**ds.notes, "warnings": [*ds.notes.get("warnings", []), *lines]}
+
+
 def build_scenario(cfg: ScenarioCfg, seed: int = 0, dataset: Dataset | None = None) -> Scenario:
     """Load cfg's dataset and cut it into the stream of tasks cfg describes, holding out validation images.
 
@@ -339,7 +386,9 @@ def build_scenario(cfg: ScenarioCfg, seed: int = 0, dataset: Dataset | None = No
             order = order[: cfg.n_tasks]
         scenario = domain_incremental(domains, ds.classnames, order)  # first: it names unknown domains
         streams = [1 + list(ds.domains).index(d) for d in order]  # a domain's draw is its own, wherever it comes
-        return with_validation(replace(scenario, notes=ds.notes), cfg.val_per_class, seed, streams)
+        notes = _said(ds, cfg, scenario.class_order, [ds.domains[d][0] for d in order],
+                      [ds.domains[d][1] for d in order])
+        return with_validation(replace(scenario, notes=notes), cfg.val_per_class, seed, streams)
     if ds.train is None or ds.test is None:
         raise ConfigError(f"config key 'scenario.kind' = 'cil': dataset '{cfg.dataset}' is domain-incremental "
                           "only. Use kind: dil.")
@@ -351,4 +400,5 @@ def build_scenario(cfg: ScenarioCfg, seed: int = 0, dataset: Dataset | None = No
     test = ds.test.per_class_limit(cfg.test_per_class, rng)
     scenario = class_incremental(train, test, ds.classnames, order, cfg.classes_per_task,
                                  cfg.initial_classes, cfg.n_tasks)
-    return with_validation(replace(scenario, notes=ds.notes), cfg.val_per_class, seed, [0] * len(scenario))
+    notes = _said(ds, cfg, scenario.class_order, [ds.train], [ds.test])
+    return with_validation(replace(scenario, notes=notes), cfg.val_per_class, seed, [0] * len(scenario))
