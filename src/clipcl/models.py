@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,33 @@ def list_models() -> list[str]:
     """Every architecture name open_clip knows, the tiny ones included."""
     register_tiny_models()
     return open_clip.list_models()
+
+
+def _weights_only_refusal(e: BaseException) -> str | None:
+    """What torch.load(weights_only=True) refused in a file (e.g. 'Unsupported global: GLOBAL x.Y was not an
+    allowed global by default', 'Unsupported operand 110'), without torch's advice around it; None if not that."""
+    text = str(e)
+    if not isinstance(e, pickle.UnpicklingError) or not ("Weights only load failed" in text or
+                                                          "WeightsUnpickler" in text):
+        return None
+    if "WeightsUnpickler error:" in text:
+        core = text.split("WeightsUnpickler error:", 1)[1]
+    else:  # torch's paragraphs: its advice, then what it refused, then a link to its documentation
+        parts = [part for part in text.split("\n\n") if part.strip()]
+        core = parts[1] if len(parts) > 2 else parts[-1]
+    return _reason(core.strip().split("\n\n")[0].split(". ")[0]) or "unsupported content"
+
+
+def _reason(e: BaseException | str, limit: int = 300) -> str:
+    """The error's text on one line, without terminal colour codes, cut whole at a sentence or word if long."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split()) or type(e).__name__
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(". ", 0, limit)
+    if cut > limit // 2:
+        return text[:cut + 1]
+    space = text.rfind(" ", 0, limit)
+    return text[:space if space > 0 else limit] + " ..."
 
 
 class _DropRandomInitNotice(logging.Filter):
@@ -88,7 +117,16 @@ def create(cfg: ModelCfg, device: torch.device | str = "cpu", data: ScenarioCfg 
     try:
         model = open_clip.create_model(cfg.name, pretrained=pretrained, device=device)
     except Exception as e:  # a bad file fails in pickle, zip, safetensors or load_state_dict: many types
-        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        refused = _weights_only_refusal(e)  # read with weights_only=True: a pickled object is never built
+        found = re.search(r"GLOBAL ([\w.]*\w)", refused or "")  # the class or function it would have built
+        if pretrained and Path(pretrained).is_file() and found:
+            raise ConfigError(
+                f"config key 'model.pretrained' = {pretrained!r}: clipcl refuses this file: it holds pickled "
+                f"Python objects ({found[1]}), and loading those could run code. If you trust its source, load "
+                "it with torch.load(..., weights_only=False), re-save the model's weights as a plain state dict "
+                "(torch.save(model.state_dict(), 'weights.pt'), or a .safetensors file) and give that file."
+            ) from None
+        reason = refused or _reason(e)  # torch's advice to load with weights_only=False is not for a bad file
         if pretrained and Path(pretrained).is_file():
             raise ConfigError(
                 f"config key 'model.pretrained' = {pretrained!r}: this file is not a {cfg.name} checkpoint that "
