@@ -5,9 +5,14 @@ and a symlink planted at a target name in the run folder is replaced instead of 
 """
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
+import stat
+import warnings
 from collections import Counter
+from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 
@@ -48,6 +53,12 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # every text on a plot is plain text: a '$' in a config, method, folder or class name is a dollar sign, not
+    # mathtext (whose parse error would stop the report with a traceback)
+    matplotlib.rcParams["text.parse_math"] = False
+    # a character no installed font has (an emoji, a control character in a name) is drawn as a box; the warning
+    # matplotlib prints for each one and each plot says nothing more
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
     _cjk_fallback(matplotlib)
     return plt
 
@@ -161,13 +172,47 @@ def plot_class_weights(results: dict, path: Path, top: int = 10) -> None:
     _save(fig, path)
 
 
+# Characters that Markdown (and the HTML it may hold) gives a meaning: as entities or backslash-escaped they
+# read as themselves. Newlines and other control characters are written as escapes (\n, \x1b): they would
+# end a table row or a heading, or drive the terminal the table is printed on.
+_MARKDOWN = {"\\": "\\\\", "&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "`": "\\`"}
+_BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # text direction overrides
+
+
+def _control(ch: str) -> bool:
+    import unicodedata
+
+    return ch in _BIDI or unicodedata.category(ch) in ("Cc", "Zl", "Zp")
+
+
+def one_line(text: object) -> str:
+    """Text from a file made safe for one terminal line: control characters (newlines, escape sequences,
+    direction overrides) written as their escapes, everything else as it is."""
+    s = str(text)
+    return "".join(ch.encode("unicode_escape").decode("ascii") if _control(ch) else ch for ch in s)
+
+
+def markdown_text(text: object) -> str:
+    """Text from a file (a config value, a method, folder, class or variant name) as Markdown that shows it as it
+    is: no inline HTML (<, >, & as entities), no table cell break (|) nor code span (`), no line break (control
+    characters as escapes), no link or image ('](' broken)."""
+    out = []
+    for ch in str(text):
+        out.append(_MARKDOWN.get(ch) or (ch.encode("unicode_escape").decode("ascii") if _control(ch) else ch))
+    return "".join(out).replace("](", "]\\(")
+
+
 def _pct(v: object) -> str:
     """A fraction as a percentage with one decimal, or a dash where there is no number (yet)."""
-    return f"{100 * v:.1f}" if isinstance(v, Real) else "-"
+    return f"{100 * v:.1f}" if isinstance(v, Real) and not isinstance(v, bool) else "-"
+
+
+def _count_text(v: object, scale: float = 1) -> str:
+    return f"{v / scale:.0f}" if isinstance(v, Real) and not isinstance(v, bool) else "-"
 
 
 def summary_table(runs: dict[str, dict]) -> str:
-    """A Markdown table comparing runs (name -> results dict).
+    """A Markdown table comparing runs (name -> results dict); names are escaped (markdown_text).
 
     An incomplete run is marked with the tasks it has done, so a partial number is not mistaken for a final
     one; metrics it has no rows for yet are dashes.
@@ -177,12 +222,15 @@ def summary_table(runs: dict[str, dict]) -> str:
     lines = [head, "|" + "---|" * 10]
     for name, r in runs.items():
         m, R = r["metrics"], r["accuracy_matrix"]
+        name = markdown_text(name)
         if r.get("complete") is False:
             name = f"{name} (incomplete: {len(R)}/{len(r['scenario']['tasks'])} tasks)"
         diag = [R[t][t] for t in range(len(R)) if isinstance(R[t][t], Real)]
         mem, timing = r.get("memory"), r.get("timing")
-        memory = f"{mem['images']} / {mem['bytes'] / 1024:.0f}" if mem else "-"
-        speed = f"{timing['train_images_per_second'] or 0:.0f} | {timing['train_seconds']:.0f}" if timing else "- | -"
+        memory = (f"{_count_text(mem.get('images'))} / {_count_text(mem.get('bytes'), 1024)}"
+                  if isinstance(mem, dict) and mem else "-")
+        speed = (f"{_count_text(timing.get('train_images_per_second') or 0)} | "
+                 f"{_count_text(timing.get('train_seconds'))}" if isinstance(timing, dict) and timing else "- | -")
         lines.append(f"| {name} | {_pct(m.get('avg_incremental_accuracy'))} | {_pct(m.get('last_accuracy'))} | "
                      f"{_pct(m.get('forgetting'))} | {_pct(m.get('backward_transfer'))} | "
                      f"{_pct(min(diag, default=None))} | {_pct(float(np.mean(diag)) if diag else None)} | "
@@ -230,42 +278,233 @@ def _shape_problem(data: object) -> str | None:
             and len(sc["tasks"]) == len(sc["test_sizes"])):
         return "'scenario' lacks matching 'tasks' and 'test_sizes' lists"
     n = len(sc["tasks"])
-    if not (isinstance(R, list) and len(R) <= n and all(
-            isinstance(row, list) and len(row) == n and all(v is None or isinstance(v, Real) for v in row)
-            for row in R)):
+    if not (isinstance(R, list) and all(isinstance(row, list) for row in R)):
         return f"'accuracy_matrix' is not a list of rows of {n} accuracies"
-    return None
+    return _value_problem(data, n)
+
+
+# Where a number of a results.json may lie. Accuracies and the accuracy metrics are fractions; forgetting,
+# backward transfer and the change of zero-shot accuracy are differences of fractions (negative when a later
+# task helped, or hurt).
+FRACTION = (0.0, 1.0)
+DIFFERENCE = (-1.0, 1.0)
+METRIC_RANGES = {"avg_incremental_accuracy": FRACTION, "last_accuracy": FRACTION, "future_accuracy": FRACTION,
+                 "forgetting": DIFFERENCE, "backward_transfer": DIFFERENCE, "unseen_change": DIFFERENCE}
+COUNT_MAX = 2 ** 63 - 1  # image counts, bytes, parameters, steps: beyond it a count is no count clipcl wrote
+
+
+def _shown(v: object) -> str:
+    """A value as JSON writes it (NaN, Infinity, 1e+308, "0.5", [1]), cut to 40 characters, on one line."""
+    try:
+        text = json.dumps(v, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(v)
+    return one_line(text if len(text) <= 40 else text[:37] + "...")
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
+def _in(v: object, bounds: tuple[float, float]) -> bool:
+    """A finite number within bounds (an integer too large for a float is out of them)."""
+    if not _is_number(v):
+        return False
+    try:
+        return math.isfinite(v) and bounds[0] <= v <= bounds[1]  # type: ignore[arg-type]
+    except OverflowError:
+        return False
+
+
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= COUNT_MAX
+
+
+def _range_text(bounds: tuple[float, float]) -> str:
+    return f"[{bounds[0]:g}, {bounds[1]:g}]"
+
+
+def _matrix_problems(name: str, M: object, n: int):
+    """Problems of a matrix of accuracies: at most n rows (one per task done) of n entries (one per task), each
+    a fraction in [0, 1] or null (a task not evaluated)."""
+    if not isinstance(M, list):
+        yield f"{name} is {_shown(M)}, not a list of rows of {n} accuracies"
+        return
+    if len(M) > n:
+        yield f"{name} has {len(M)} rows, more than the {n} tasks of the scenario"
+    for t, row in enumerate(M):
+        if not isinstance(row, list):
+            yield f"{name}[{t}] is {_shown(row)}, not a row of {n} accuracies"
+        elif len(row) != n:
+            yield (f"{name}[{t}] has {len(row)} entr{'y' if len(row) == 1 else 'ies'}, not {n} (one per task of "
+                   "the scenario)")
+        else:
+            for j, v in enumerate(row):
+                if v is not None and not _in(v, FRACTION):
+                    yield f"{name}[{t}][{j}] is {_shown(v)}, not an accuracy (a fraction in [0, 1], or null)"
+
+
+def _counts_problems(name: str, v: object, n: int | None):
+    if not isinstance(v, list) or (n is not None and len(v) != n):
+        yield f"{name} is {_shown(v)}, not a list of {n if n is not None else 'the'} image counts"
+        return
+    for j, x in enumerate(v):
+        if not _is_count(x):
+            yield f"{name}[{j}] is {_shown(x)}, not a count (an integer >= 0)"
+
+
+def _section_problems(data: dict, key: str, numbers: dict[str, str]):
+    """A section of counts and amounts ('memory', 'timing', 'model'): an object (or null), whose numbers are
+    counts ('count': integers >= 0) or amounts ('amount': finite numbers >= 0), each null where unknown."""
+    sec = data.get(key)
+    if sec is None:
+        return
+    if not isinstance(sec, dict):
+        yield f"{key} is {_shown(sec)}, not an object"
+        return
+    for field, kind in numbers.items():
+        v = sec.get(field)
+        if v is None:
+            continue
+        if kind == "count" and not _is_count(v):
+            yield f"{key}.{field} is {_shown(v)}, not a count (an integer >= 0)"
+        elif kind == "amount" and not _in(v, (0.0, math.inf)):
+            yield f"{key}.{field} is {_shown(v)}, not a finite number >= 0"
+
+
+def _problems(data: dict, n: int):
+    """Every value of a results.json the report reads, checked for its type and range (see _value_problem)."""
+    cfg, sc = data["config"], data["scenario"]
+    for k in ("method", "memory", "scenario", "eval", "model"):
+        if k in cfg and not isinstance(cfg[k], dict):
+            yield f"config.{k} is {_shown(cfg[k])}, not an object"
+    if "complete" in data and not isinstance(data["complete"], bool):
+        yield f"complete is {_shown(data['complete'])}, not true or false"
+    for j, name in enumerate(sc["tasks"]):
+        if not isinstance(name, str):
+            yield f"scenario.tasks[{j}] is {_shown(name)}, not a task name"
+    yield from _counts_problems("scenario.test_sizes", sc["test_sizes"], n)
+    for key in ("eval_sizes", "train_sizes", "val_sizes"):
+        if sc.get(key) is not None:
+            yield from _counts_problems(f"scenario.{key}", sc[key], n)
+    if sc.get("classnames") is not None:
+        names = sc["classnames"]
+        if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+            yield f"scenario.classnames is {_shown(names)}, not a list of class names"
+    if sc.get("class_order_hash") is not None and not isinstance(sc["class_order_hash"], str):
+        yield f"scenario.class_order_hash is {_shown(sc['class_order_hash'])}, not a string"
+    yield from _matrix_problems("accuracy_matrix", data["accuracy_matrix"], n)
+    if data.get("unseen_matrix") is not None:
+        yield from _matrix_problems("unseen_matrix", data["unseen_matrix"], n)
+    before = data.get("accuracy_before_training")
+    if before is not None:
+        if not isinstance(before, list) or len(before) > n:
+            yield f"accuracy_before_training is {_shown(before)}, not a list of at most {n} accuracies"
+        else:
+            for t, v in enumerate(before):
+                if v is not None and not _in(v, FRACTION):
+                    yield (f"accuracy_before_training[{t}] is {_shown(v)}, not an accuracy (a fraction in [0, 1], "
+                           "or null)")
+    for key, v in data["metrics"].items():
+        bounds = METRIC_RANGES.get(key, (-math.inf, math.inf))
+        if v is not None and not _in(v, bounds):
+            where = f"in {_range_text(bounds)}" if key in METRIC_RANGES else "finite"
+            yield f"metrics.{one_line(key)} is {_shown(v)}, not a number {where} (or null)"
+    yield from _section_problems(data, "memory", {"images": "count", "bytes": "count"})
+    yield from _section_problems(data, "timing", {"train_seconds": "amount", "train_images_per_second": "amount",
+                                                  "peak_memory_bytes": "count"})
+    yield from _section_problems(data, "model", {"parameters": "count", "trainable_parameters": "count"})
+    timing = data.get("timing")
+    if isinstance(timing, dict) and timing.get("tasks") is not None:
+        tasks = timing["tasks"]
+        if not isinstance(tasks, list) or not all(isinstance(t, dict) and (t.get("steps") is None
+                                                                         or _is_count(t["steps"])) for t in tasks):
+            yield f"timing.tasks is {_shown(tasks)}, not a list of objects with a count of steps"
+    if data.get("versions") is not None and not isinstance(data["versions"], dict):
+        yield f"versions is {_shown(data['versions'])}, not an object"
+    weights = data.get("class_weights")
+    if weights is not None:
+        if not isinstance(weights, list):
+            yield f"class_weights is {_shown(weights)}, not a list of rows"
+            return
+        for i, row in enumerate(weights):
+            if not (isinstance(row, dict) and _is_count(row.get("task")) and _is_count(row.get("step"))
+                    and isinstance(row.get("weights"), list) and row["weights"]):
+                yield f"class_weights[{i}] is {_shown(row)}, not a row of a task, a step and class weights"
+                continue
+            for c, w in enumerate(row["weights"]):
+                if not _in(w, FRACTION):
+                    yield f"class_weights[{i}].weights[{c}] is {_shown(w)}, not a class weight (a fraction in [0, 1])"
+
+
+def _value_problem(data: dict, n: int) -> str | None:
+    """The first value of a results.json that clipcl could not have written (None if none): accuracies and
+    metrics that are not finite or lie outside their range (NaN, 1e308, -0.5, 1.5), strings or booleans where
+    numbers go, rows of the wrong length, counts that are negative or not integers."""
+    return next(_problems(data, n), None)
+
+
+def _read_problem(path: Path, e: OSError) -> str:
+    """Why a results.json cannot be read and what to do, in words: a link that loops or leads nowhere, no
+    permission, ..."""
+    link = os.path.islink(path)
+    relink = "point the link at a run's results.json, or give the run folder itself"
+    if e.errno == errno.ELOOP:
+        return (f"'{path}' is a symbolic link that loops (it leads back to itself, directly or through other "
+                f"links); {relink}" if link else f"the path '{path}' goes through a symbolic link that loops; {relink}")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return (f"no permission to read '{path}' (or to enter a folder above it); make it readable (chmod u+r) or "
+                "run clipcl report as a user who may read it")
+    if e.errno == errno.ENOENT and link:
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return f"'{path}' is a symbolic link to '{target}', which does not exist; {relink}"
+    if e.errno == errno.ENOENT:
+        return f"'{path}' does not exist; {FIX}"
+    if e.errno == errno.ENOTDIR:
+        return f"'{path}' does not exist (a part of its path is a file, not a folder); {FIX}"
+    return f"cannot read '{path}' ({e.strerror or type(e).__name__}); {FIX}"
+
+
+FIX = "give a results.json written by 'clipcl run' (rerun or --resume the run to write it again)"
 
 
 def load_results(path: Path) -> dict:
-    """Read a results.json; a file that is not one is a ConfigError naming it (never a traceback)."""
+    """Read a results.json; a file that is not one is a ConfigError naming it (never a traceback): unreadable,
+    not JSON, not shaped like one, or holding a value clipcl could not have written (_value_problem)."""
     path = Path(path)
-    fix = "give a results.json written by 'clipcl run' (rerun or --resume the run to write it again)"
     try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"'{path}' is a folder, not a file; {FIX}")
+        if not stat.S_ISREG(mode):  # a pipe or a device would be read forever
+            raise ConfigError(f"'{path}' is not a regular file (a pipe, a device or a socket); {FIX}")
         raw = path.read_bytes()
     except OSError as e:
-        raise ConfigError(f"cannot read '{path}' ({e.strerror or type(e).__name__}); {fix}") from None
+        raise ConfigError(_read_problem(path, e)) from None
     if not raw.strip():
-        raise ConfigError(f"'{path}' is empty; {fix}")
+        raise ConfigError(f"'{path}' is empty; {FIX}")
     try:
         data = json.loads(raw.decode("utf-8-sig"))  # an editor's byte-order mark is still UTF-8
     except UnicodeDecodeError:
-        raise ConfigError(f"'{path}' is not UTF-8 text; {fix}") from None
+        raise ConfigError(f"'{path}' is not UTF-8 text; {FIX}") from None
     except (ValueError, RecursionError) as e:
-        raise ConfigError(f"'{path}' is not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
+        raise ConfigError(f"'{path}' is not valid JSON ({str(e).splitlines()[0]}); {FIX}") from None
     problem = _shape_problem(data)
     if problem:
-        raise ConfigError(f"'{path}' is not a clipcl results.json: {problem}; {fix}")
+        raise ConfigError(f"'{path}' is not a clipcl results.json: {problem}; {FIX}")
     version = data.get("schema_version", 0)  # files written before the field existed are version 0
-    if not isinstance(version, int) or version > RESULTS_SCHEMA:
-        raise ConfigError(f"'{path}' has results schema version {version!r}; this clipcl reads versions 0 to "
-                          f"{RESULTS_SCHEMA}. Compare it with the clipcl that wrote it (or a newer one).")
+    if not isinstance(version, int) or isinstance(version, bool) or version > RESULTS_SCHEMA:
+        raise ConfigError(f"'{path}' has results schema version {_shown(version)}; this clipcl reads versions 0 "
+                          f"to {RESULTS_SCHEMA}. Compare it with the clipcl that wrote it (or a newer one).")
     return data
 
 
 def _labels(paths: list[Path]) -> list[str]:
-    """The shortest path suffix that tells each run apart from the others (a/gdro and b/gdro); the same path
-    given twice is numbered, so no run is ever dropped from a comparison."""
+    """The shortest path suffix that tells each run apart from the others (a/gdro and b/gdro); two runs whose
+    paths still read alike (x/../run through a link) are numbered, so no run is ever dropped from a comparison."""
     parts = [Path(os.path.normpath(p.absolute())).parts[1:] or ("/",) for p in paths]
     depth = [1] * len(parts)
     while True:
@@ -321,28 +560,99 @@ def _memory_size(r: dict) -> str:
     return f"total={mem['total']}" if mem.get("total") else f"per_class={mem.get('per_class')}"
 
 
-def collect_runs(paths: list[str]) -> tuple[dict[str, dict], list[str]]:
-    """The runs to compare (label -> results) and warnings about what makes them not comparable.
+@dataclass
+class Gathered:
+    """The runs named on the command line, each once: their results.json files (as first given), labels,
+    contents, the warnings of collect_runs, and the files given more than once (file -> the other paths)."""
 
-    Each path is a run folder or a results.json file. Labels are the folder names, lengthened to the
-    shortest distinguishing path suffix where two runs share a name. Warnings name the runs that differ in
-    class order, benchmark or memory size: their numbers measure different things.
-    """
-    files = []
+    files: list[Path]
+    labels: list[str]
+    results: list[dict]
+    warnings: list[str]
+    repeats: dict[Path, list[Path]]
+
+    def repeat_note(self) -> str | None:
+        """One line on the runs given more than once, or None."""
+        if not self.repeats:
+            return None
+        listed = []
+        for f, others in self.repeats.items():
+            also = list(dict.fromkeys(str(o) for o in others if o != f))
+            listed.append(f"'{f}' ({len(others) + 1} times" + (f", also as {', '.join(repr(o) for o in also)})"
+                                                               if also else ")"))
+        n = len(listed)
+        return one_line(f"{n} run{'s were' if n > 1 else ' was'} given more than once (as a folder, its "
+                        f"{RESULTS_NAME}, a link or inside two folders given) and {'are' if n > 1 else 'is'} "
+                        f"counted once: {'; '.join(listed[:5])}{'; ...' if n > 5 else ''}")
+
+
+def _identity(file: Path) -> tuple:
+    """What makes two paths one file: device and inode (the same file through a link, a hard link, a folder and
+    its results.json), else its resolved path."""
+    st = os.stat(file)
+    return (st.st_dev, st.st_ino) if st.st_ino else ("path", os.path.realpath(file))
+
+
+def gather(paths: list[str]) -> Gathered:
+    """Read the runs named by paths (run folders or results.json files), each file once however often it is
+    named. Every file is checked first; any that cannot be used is a ConfigError naming it and the field and
+    value at fault (the first such file, with how many more there are): a report never leaves a run out."""
+    files, problems = [], []
     for arg in paths:
         p = Path(arg)
-        file = p / RESULTS_NAME if p.is_dir() else p
-        if not file.is_file():
-            where = f"no {RESULTS_NAME} in folder '{p}'" if p.is_dir() else f"'{p}' does not exist"
-            raise ConfigError(f"{where}; give run folders written by 'clipcl run' (or their {RESULTS_NAME} files).")
+        file = p / RESULTS_NAME if p.is_dir() and p.name != RESULTS_NAME else p  # a folder named results.json: no file
+        if file is not p and not os.path.lexists(file):
+            problems.append(f"no {RESULTS_NAME} in folder '{p}'; give run folders written by 'clipcl run' (or "
+                            f"their {RESULTS_NAME} files).")
+            continue
         files.append(file)
-    labels = _labels([f.parent if f.name == RESULTS_NAME else f for f in files])
-    runs = dict(zip(labels, (load_results(f) for f in files)))
+    unique: dict[tuple, Path] = {}
+    repeats: dict[Path, list[Path]] = {}
+    for file in files:
+        try:
+            key: tuple = _identity(file)
+        except OSError as e:
+            if e.errno == errno.ENOENT and not os.path.islink(file):
+                problems.append(f"'{file}' does not exist; give run folders written by 'clipcl run' (or their "
+                                f"{RESULTS_NAME} files).")
+            else:
+                problems.append(_read_problem(file, e))
+            continue
+        if key in unique:
+            repeats.setdefault(unique[key], []).append(file)
+        else:
+            unique[key] = file
+    results = []
+    for file in unique.values():
+        try:
+            results.append(load_results(file))
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        more = len(problems) - 1
+        raise ConfigError(one_line(problems[0] + (f" ({more} more of the paths given cannot be used either)"
+                                                  if more else "")))
+    kept = list(unique.values())
+    labels = _labels([f.parent if f.name == RESULTS_NAME else f for f in kept])
+    runs = dict(zip(labels, results))
     values = {"class orders (scenario.class_order_hash)":
               {label: str(r["scenario"].get("class_order_hash")) for label, r in runs.items()},
               "benchmarks (scenario)": _benchmarks(runs),
               "memory sizes (config.memory)": {label: _memory_size(r) for label, r in runs.items()},
               "evaluation splits (config.eval.split)":
               {label: str((r["config"].get("eval") or {}).get("split", "test")) for label, r in runs.items()}}
-    return runs, [f"the runs use different {what}, so their numbers are not comparable: {text}"
-                  for what, v in values.items() if (text := _disagreement(v))]
+    warnings = [one_line(f"the runs use different {what}, so their numbers are not comparable: {text}")
+                for what, v in values.items() if (text := _disagreement(v))]
+    return Gathered(kept, labels, results, warnings, repeats)
+
+
+def collect_runs(paths: list[str]) -> tuple[dict[str, dict], list[str]]:
+    """The runs to compare (label -> results) and warnings about what makes them not comparable.
+
+    Each path is a run folder or a results.json file; a file named twice (a folder and its results.json, a
+    link to either) is one run. Labels are the folder names, lengthened to the shortest distinguishing path
+    suffix where two runs share a name. Warnings name the runs that differ in class order, benchmark or memory
+    size: their numbers measure different things. A path that is no usable results.json is a ConfigError.
+    """
+    g = gather(paths)
+    return dict(zip(g.labels, g.results)), g.warnings

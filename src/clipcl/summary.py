@@ -17,12 +17,13 @@ import json
 import math
 import os
 import statistics
+import sys
 from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
 
 from .config import ConfigError, RunCfg, to_dict
-from .report import BENCHMARK_KEYS, collect_runs
+from .report import BENCHMARK_KEYS, gather, markdown_text
 from .rundir import RESULTS_NAME
 
 # Config keys that do not change what a run measures: the seed (averaged over), the run's name, where the
@@ -204,7 +205,7 @@ def result_files(paths: list[str]) -> list[Path]:
     files = []
     for arg in paths:
         p = Path(arg)
-        if p.is_dir() and not (p / RESULTS_NAME).is_file():
+        if p.is_dir() and not os.path.lexists(p / RESULTS_NAME):  # a folder's own results.json, even a broken one
             found = []
             for root, dirs, names in os.walk(p):
                 dirs.sort()
@@ -224,6 +225,8 @@ def sweep_cells(run_file: Path) -> dict[str, tuple[int, str]]:
     """The cells of the clipcl sweep whose folder holds this run (folder name -> (place, name without the
     seed): the variant's label and its grid values), or {} when the run is not part of a sweep."""
     record = run_file.parent.parent / "sweep.json"
+    if not record.is_file():  # none, or a pipe that would be read forever
+        return {}
     try:
         data = json.loads(record.read_text(encoding="utf-8"))
         cells = data["cells"] if data.get("clipcl_sweep") else []
@@ -236,24 +239,25 @@ def sweep_cells(run_file: Path) -> dict[str, tuple[int, str]]:
         return {}
 
 
-def collect(paths: list[str]) -> tuple[dict[str, dict], list[str], list[Run]]:
-    """(label -> results of every run as given, warnings of report.collect_runs, the runs without repeats).
+def collect(paths: list[str], quiet: bool = False) -> tuple[dict[str, dict], list[str], list[Run]]:
+    """(label -> results of every run, warnings of report.collect_runs, the runs), each run once.
 
-    A results.json reached twice (the same folder given twice, or inside two folders given) is one run."""
-    files = result_files(paths)
-    by_label, warnings = collect_runs([str(f) for f in files])
-    runs, seen = [], set()
+    A results.json reached twice (the same folder given twice, a folder and its results.json, a link to
+    either, or a run inside two folders given) is one run; a 'clipcl: note:' line on stderr says so (unless
+    quiet). A file that is no usable results.json is a ConfigError naming it (report.gather)."""
+    g = gather([str(f) for f in result_files(paths)])
+    note = g.repeat_note()
+    if note and not quiet:
+        print(f"clipcl: note: {note}", file=sys.stderr)
+    runs = []
     sweeps: dict[Path, dict[str, tuple[int, str]]] = {}
-    for f, (label, results) in zip(files, by_label.items()):
-        real = os.path.realpath(f)
-        if real not in seen:
-            seen.add(real)
-            if f.parent.parent not in sweeps:
-                sweeps[f.parent.parent] = sweep_cells(f)
-            rank = list(sweeps).index(f.parent.parent)  # sweeps in the order given, then their cells' order
-            cell = sweeps[f.parent.parent].get(f.parent.name)
-            runs.append(Run(label, f, results, ((rank, cell[0]), cell[1]) if cell else None))
-    return by_label, warnings, runs
+    for f, label, results in zip(g.files, g.labels, g.results):
+        if f.parent.parent not in sweeps:
+            sweeps[f.parent.parent] = sweep_cells(f)
+        rank = list(sweeps).index(f.parent.parent)  # sweeps in the order given, then their cells' order
+        cell = sweeps[f.parent.parent].get(f.parent.name)
+        runs.append(Run(label, f, results, ((rank, cell[0]), cell[1]) if cell else None))
+    return dict(zip(g.labels, g.results)), g.warnings, runs
 
 
 def _section_key(r: dict) -> dict[str, object]:
@@ -601,14 +605,22 @@ class Figure:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    return markdown_text(text)
 
 
 def markdown_table(t: Table) -> list[str]:
-    """A table as Markdown lines under its '### title'."""
-    lines = [f"### {t.title}", "", "| " + " | ".join(map(_cell, t.header)) + " |", "|" + "---|" * len(t.header)]
+    """A table as Markdown lines under its '### title'. Tables hold plain text (config values, method, folder
+    and variant names as the files have them); every piece is escaped here (report.markdown_text), so no
+    inline HTML renders and no cell breaks the table."""
+    e = markdown_text
+    lines = [f"### {e(t.title)}", "", "| " + " | ".join(map(_cell, t.header)) + " |", "|" + "---|" * len(t.header)]
     lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in t.rows]
-    return lines + ([""] + [t.note] if t.note else []) + [""]
+    return lines + ([""] + [e(t.note)] if t.note else []) + [""]
+
+
+def _alt_text(text: str) -> str:
+    """An image's caption inside ![...]: escaped, its brackets too."""
+    return markdown_text(text).replace("[", "\\[").replace("]", "\\]")
 
 
 def split_tables(tables: list[Table]) -> tuple[list[Table], list[Table]]:
@@ -618,18 +630,20 @@ def split_tables(tables: list[Table]) -> tuple[list[Table], list[Table]]:
 
 
 def to_markdown(summary: Summary, figures: dict[int, list[Figure]] | None = None) -> str:
-    """The report as Markdown; figures (benchmark number -> plots) are linked as images beside it."""
-    lines = [f"# {summary.title}", ""]
+    """The report as Markdown; figures (benchmark number -> plots) are linked as images beside it. Every text
+    is escaped (report.markdown_text): titles, notes and cells hold names from the runs' files."""
+    e = markdown_text
+    lines = [f"# {e(summary.title)}", ""]
     for p in summary.intro:
-        lines += [p, ""]
+        lines += [e(p), ""]
     for s in summary.sections:
-        lines += [f"## {s.title}", ""]
-        lines += [f"- Note: {n}" for n in s.notes] + ([""] if s.notes else [])
+        lines += [f"## {e(s.title)}", ""]
+        lines += [f"- Note: {e(n)}" for n in s.notes] + ([""] if s.notes else [])
         first, last = split_tables(s.tables)
         for t in first:
             lines += markdown_table(t)
         for f in (figures or {}).get(s.benchmark.number, []):
-            lines += [f"![{f.caption}]({f.file})", ""]
+            lines += [f"![{_alt_text(f.caption)}]({f.file})", ""]
         for t in last:
             lines += markdown_table(t)
     return "\n".join(lines).rstrip("\n") + "\n"
