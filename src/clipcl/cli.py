@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import time
 from pathlib import Path
 
-from . import rundir
+from . import owned, rundir
 from .checkpoint import CHECKPOINT_NAME, CheckpointError
 from .config import ConfigError, RunCfg, apply_overrides, from_dict, load_config, to_dict, valid_keys
-from .errors import Interrupted, NonFiniteLoss
+from .errors import Interrupted, NonFiniteLoss, StoppedEarly
 from .files import OutputError, write_text
 
 DEMO_METHODS = ("zeroshot", "finetune", "er", "gcl", "gdro", "joint")
@@ -36,27 +37,40 @@ def run_one(cfg: RunCfg, out: Path, resume: bool = False, quiet: bool = False, t
 
 
 def stored_config(out: Path) -> RunCfg:
-    """The resolved config a run stored in its checkpoint (read memory-mapped: only the config is used)."""
+    """The resolved config a run stored in its checkpoint (read memory-mapped: only the config is used, and
+    only the parts that hold it are verified here; the trainer verifies the whole file before resuming)."""
     from . import checkpoint
 
-    state = checkpoint.read(out / CHECKPOINT_NAME, mmap=True)
+    state = checkpoint.read(out / CHECKPOINT_NAME, mmap=True)  # every top-level field there, config a dict
     try:
-        return from_dict(state.get("config") or {})
+        return from_dict(state["config"])
     except ConfigError as e:
         raise CheckpointError(f"checkpoint '{out / CHECKPOINT_NAME}' holds a config this clipcl rejects ({e}). "
                               "Resume it with the clipcl that wrote it.") from None
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # key=value: an override, never a config's name or file
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     out = rundir.check(args.out, args.overwrite, args.resume)  # refuse early, before the slow part
+    if args.config is not None and OVERRIDE.match(args.config) and not Path(args.config).exists():
+        args.config, args.overrides = None, [args.config, *args.overrides]  # the first positional is no config
     if args.config is None:
         if not args.resume:
             raise ConfigError("clipcl run needs a config (a YAML file or a benchmark name, 'clipcl list "
-                              "benchmarks'); only --resume may leave it out, to use the run's stored config.")
-        if args.overrides:
-            raise ConfigError("overrides without a config: with --resume and no config, the run's stored config "
-                              "is used as it is.")
-        cfg = stored_config(out)
+                              "benchmarks') before the overrides, e.g. clipcl run fmnist-cil method.name=er --out "
+                              "DIR; only --resume may leave it out, to use the run's stored config.")
+        from .checkpoint import RESUME_FREE
+
+        fixed = [o for o in args.overrides if o.split("=", 1)[0].strip().split(".")[0] not in RESUME_FREE]
+        if fixed:
+            free = ", ".join(f"{section}.*" for section in RESUME_FREE)
+            raise ConfigError(f"{' '.join(fixed)}: with --resume and no config the run continues with the config "
+                              f"stored in its checkpoint, and only {free} may change on resume. Drop the override"
+                              f"{'s' if len(fixed) > 1 else ''}, or start a new run in another folder with "
+                              f"{'them' if len(fixed) > 1 else 'it'}.")
+        cfg = apply_overrides(stored_config(out), args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
     from .engine import Trainer
@@ -81,7 +95,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from . import sweep  # subprocesses and threads only: the cells import torch, this process does not
 
     return sweep.run(args.config, args.grid, args.overrides, Path(args.out), jobs=args.jobs,
-                     threads=args.threads_per_job)
+                     threads=args.threads_per_job, max_cells=args.max_cells)
 
 
 def demo_config(overrides: list[str]) -> RunCfg:
@@ -101,10 +115,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     configs = {name: apply_overrides(base, [f"method.name={name}"]) for name in methods}  # all checked first
     out = rundir.check(args.out, args.overwrite, demo=True, methods=methods)
     from .engine import Trainer
-    from .report import plot_comparison, summary_table
 
     first = Trainer(configs[methods[0]], out / methods[0], overwrite=args.overwrite, quiet=args.quiet)
-    kept = rundir.claim(out, args.overwrite, demo=True, methods=methods)  # data and model are fine
+    with rundir.claim(out, args.overwrite, demo=True, methods=methods) as claimed:  # data and model are fine
+        return _demo(args, methods, configs, base, out, first, claimed.kept)
+
+
+def _demo(args, methods, configs, base, out: Path, first, kept: list[str]) -> int:
+    from .engine import Trainer
+    from .report import plot_comparison, summary_table
+
     if kept:
         print(f"clipcl: note: kept {len(kept)} entries of '{out}' that the demo did not write: "
               + ", ".join(kept[:5]), file=sys.stderr)
@@ -129,11 +149,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import plot_comparison, summary_table
     from .summary import averages_over_seeds, choose_baselines, collect, group_runs, summarize, to_markdown
 
-    plot = Path(args.plot) if args.plot else None
-    if plot and (plot.is_dir() or not plot.parent.is_dir()):  # refuse before anything is printed or written
-        why = ("is a folder; give a file name in it, e.g. " + str(plot / "comparison.png") if plot.is_dir() else
-               f"is in a folder that does not exist ('{plot.parent}'); create the folder or choose another path")
-        raise ConfigError(f"--plot '{plot}' {why}.")
+    # refused before anything is printed or written: a folder, a missing folder, a link, a file of the user's
+    plot = owned.check_output_file(args.plot, "--plot") if args.plot else None
     if args.out:
         check_out_folder(Path(args.out))
     runs, warnings, unique = collect(args.dirs)
@@ -171,18 +188,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("clipcl bench measures one process; run it without torchrun (its figures per rank would "
                           "divide one rank's FLOPs by the global batch)")
     cfg = load_config(args.config, args.overrides)
-    if args.json:  # refuse an unwritable or foreign target before the slow part
-        target = Path(args.json)
-        if target.exists() and not target.is_file():
-            raise ConfigError(f"--json '{target}' is not a file; give a file name for the figures")
-        if not target.parent.is_dir():
-            raise ConfigError(f"--json '{target}': no such folder '{target.parent}'; create it first")
+    if args.json:  # refuse an unwritable or foreign target (a file clipcl did not write) before the slow part
+        owned.check_output_file(args.json, "--json")
     from .bench import bench, format_bench
 
     figures = bench(cfg, steps=args.steps)
     print(format_bench(figures))
     if args.json:
-        write_text(Path(args.json), json.dumps(figures, indent=1) + "\n")
+        write_text(Path(args.json).expanduser(), json.dumps({"written_by": "clipcl bench", **figures}, indent=1) + "\n")
     return 0
 
 
@@ -227,9 +240,26 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Subcommand(argparse.ArgumentParser):
+    """A subcommand's parser; with `intermixed`, its positionals (config, grid, overrides) may come before,
+    between or after its options: `clipcl run fmnist-cil --out DIR method.name=er`."""
+
+    intermixed = False
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not self.intermixed or self._inside:
+            return super().parse_known_args(args, namespace)
+        self._inside = True  # parse_known_intermixed_args calls parse_known_args twice
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipcl", description="Continual learning of CLIP with a tiny replay memory.")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Subcommand)
     r = sub.add_parser("run", help="run one config: clipcl run CONFIG [key=value ...] --out DIR")
     r.add_argument("config", nargs="?", help="a YAML file or a shipped benchmark name (clipcl list benchmarks); "
                    "may be left out with --resume")
@@ -240,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the clipcl run in --out (only clipcl's files are removed, after every check)")
     r.add_argument("--quiet", action="store_true", help="no progress lines, only warnings and errors")
     r.set_defaults(fn=cmd_run)
+    r.intermixed = True
     rs = sub.add_parser("resume", help="continue a stopped run with its stored config: clipcl resume DIR")
     rs.add_argument("dir", help="the run's folder (holding checkpoint.pt)")
     rs.add_argument("--quiet", action="store_true", help="no progress lines, only warnings and errors")
@@ -252,13 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
     sw.add_argument("--threads-per-job", type=int, default=None,
                     help="OMP_NUM_THREADS of each cell (default: the CPU count divided by --jobs)")
+    sw.add_argument("--max-cells", type=int, default=10_000,
+                    help="refuse a grid of more cells than this (default 10000; each cell is a whole run)")
     sw.set_defaults(fn=cmd_sweep)
+    sw.intermixed = True
     b = sub.add_parser("bench", help="train and evaluation images/s, FLOPs, MFU and memory of a config")
     b.add_argument("config", help="a YAML file or a shipped benchmark name (clipcl list benchmarks)")
     b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.name=ViT-B-16 method.name=gdro")
     b.add_argument("--steps", type=int, default=20, help="training steps measured (after 3 of warm-up)")
     b.add_argument("--json", default="", help="also write the figures to this JSON file")
     b.set_defaults(fn=cmd_bench)
+    b.intermixed = True
     d = sub.add_parser("demo", help="every method on fmnist-cil with 10 images per class in memory")
     d.add_argument("overrides", nargs="*", help="dotted overrides applied to every method's run")
     d.add_argument("--out", default="demo_out")
@@ -266,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true", help="replace the demo output in --out")
     d.add_argument("--quiet", action="store_true", help="no progress lines, only warnings and errors")
     d.set_defaults(fn=cmd_demo)
+    d.intermixed = True
     rp = sub.add_parser("report", help="compare runs, grouped over seeds: clipcl report DIR [DIR ...] [--out FOLDER]")
     rp.add_argument("dirs", nargs="+", help="run folders, results.json files, or folders holding runs at any depth")
     rp.add_argument("--out", default="", help="write report.md, a self-contained report.html and their plots here")
@@ -294,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     except OutputError as e:
         print(f"clipcl: error: {e.strerror or e}", file=sys.stderr)
         return 4
-    except Interrupted as e:
+    except (Interrupted, StoppedEarly) as e:
         print(f"clipcl: {e}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:

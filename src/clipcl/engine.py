@@ -6,6 +6,7 @@ needs the step counters to continue the exact same stream, and a resumed run mat
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import resource
@@ -13,7 +14,6 @@ import signal
 import sys
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from . import __version__, checkpoint, distributed, rundir
 from .config import ConfigError, RunCfg, to_dict
 from .data.images import ConcatImageSet, ImageSet
 from .data.scenarios import Scenario, build_scenario, fingerprint_diff, verify_images
-from .errors import Interrupted, NonFiniteLoss
+from .errors import Interrupted, NonFiniteLoss, stop_signals
 from .evaluate import (accuracy_before_training, accuracy_row, metrics, seen_accuracy, split_of, unseen_change,
                        unseen_row)
 from .files import OutputError
@@ -115,7 +115,7 @@ class Trainer:
                  progress_bar: bool | None = None, overwrite: bool = False, quiet: bool = False,
                  signals: bool = True):
         self.cfg = cfg
-        self.signals = signals  # catch SIGINT/SIGTERM to checkpoint and stop (off for a nested run)
+        self.signals = signals  # catch SIGINT/SIGTERM/SIGHUP to checkpoint and stop (off for a nested run)
         self.out_dir = Path(out_dir)
         self.overwrite, self.quiet = overwrite, quiet
         self.device = resolve_device(cfg.device)
@@ -215,29 +215,191 @@ class Trainer:
             raise OutputError(e.errno, f"{e.strerror}; {kept}") from None
 
     def load_checkpoint(self) -> None:
-        """Restore the state of the last checkpoint in out_dir (same config and same data, or CheckpointError)."""
+        """Restore the state of the last checkpoint in out_dir.
+
+        Nothing is applied before all of it is checked: its bytes (the zip's CRCs) and format (checkpoint.load),
+        its config and data against this run's, and every field against this trainer's objects (check_state).
+        Anything else is a CheckpointError naming the file and the field, with this trainer unchanged.
+        """
         path = self.out_dir / checkpoint.CHECKPOINT_NAME
         state = checkpoint.load(path, to_dict(self.cfg))
-        changed = fingerprint_diff(state.get("data") or {}, self.fingerprint)
+        try:
+            changed = fingerprint_diff(state["data"], self.fingerprint)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+            raise checkpoint.invalid(path, checkpoint.StateError("data", "is not a data fingerprint clipcl writes")
+                                     ) from None
         if changed:
             raise checkpoint.CheckpointError(
                 f"the data changed since the run in '{self.out_dir}' started ({changed}); resuming would train "
                 "on other data. Restore the data the run started on, or start a new run in another folder.")
-        self.bundle.model.load_state_dict(state["model"])
-        self.bundle.eval_features.clear()
-        self.memory.load_state_dict(state["memory"])
-        self.method.load_state_dict(state["method"])
-        self.progress = Progress(**state["progress"])
-        self._checkpointed = (self.progress.task, self.progress.step)
-        torch.set_rng_state(state["torch_rng"])
+        try:
+            self.check_state(state)
+        except checkpoint.StateError as e:
+            raise checkpoint.invalid(path, e) from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:  # a form unforeseen
+            raise checkpoint.CheckpointError(
+                f"checkpoint '{path}' does not hold a valid clipcl state ({type(e).__name__}: "
+                f"{checkpoint._first_line(e)}); nothing is resumed from it. {checkpoint.START_AGAIN}") from None
+        try:
+            self.bundle.model.load_state_dict(state["model"])
+            self.bundle.eval_features.clear()
+            self.memory.load_state_dict(state["memory"])
+            self.method.load_state_dict(state["method"])
+            self.progress = Progress(**state["progress"])
+            self._checkpointed = (self.progress.task, self.progress.step)
+            torch.set_rng_state(state["torch_rng"])
+            if state["optimizer"] is not None:
+                self._start_optimizer()
+                self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[union-attr]
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:
+            raise checkpoint.CheckpointError(
+                f"checkpoint '{path}' could not be loaded ({type(e).__name__}: {checkpoint._first_line(e)}); "
+                f"nothing is resumed from it. {checkpoint.START_AGAIN}") from None
         threads = state.get("threads", torch.get_num_threads())
-        if threads != torch.get_num_threads():  # CPU kernels split sums by thread: other roundings
-            warnings.warn(f"the checkpoint was written with {threads} CPU threads, this process has "
-                          f"{torch.get_num_threads()}: the resumed run will not match an uninterrupted one bit "
-                          f"for bit (set OMP_NUM_THREADS={threads} for that).", stacklevel=2)
-        if state["optimizer"] is not None:
+        if threads != torch.get_num_threads() and self.main:  # CPU kernels split sums by thread: other roundings
+            say(f"clipcl: warning: the checkpoint was written with {threads} CPU threads, this process has "
+                f"{torch.get_num_threads()}: the resumed run will not match an uninterrupted one bit for bit (set "
+                f"OMP_NUM_THREADS={threads} for that).")
+
+    def check_state(self, state: dict) -> None:
+        """Check every field of a checkpoint's state (as checkpoint.read returns it) against this trainer's
+        live objects, applying none of it: checkpoint.StateError names the first field that this run cannot
+        have written. The model's tensors (keys, shapes, dtypes), the progress (task and step in range, rows,
+        accuracies, timings, counters), AdamW's state, the memory and the method's state (their check_state)."""
+        C = checkpoint
+        model_state = self.bundle.model.state_dict()
+        C.need_tensors("model", state["model"], model_state)
+        n = len(self.scenario)
+        p = C.need_dict("progress", state["progress"], [f.name for f in dataclasses.fields(Progress)],
+                        optional=("log_id",))  # log_id: absent in checkpoints of earlier clipcl versions
+        task = C.need_int("progress.task", p["task"], 0, n, f"the run has {n} tasks")
+        n_classes = len(self.scenario.classnames)
+        self.memory.check_state(state["memory"], [self.scenario[k].classes for k in range(task)], n_classes)
+        memory = ReplayMemory(self.memory.per_class, self.memory.total, self.memory.bytes, self.memory.codec,
+                              self.memory.quality, self.memory.selection)
+        memory.load_state_dict(state["memory"])  # a scratch copy: the sizes of the task resumed depend on it
+        ctx = self._task_context(task, memory) if task < n else None
+        steps = ctx.steps if ctx is not None else 0
+        step = C.need_int("progress.step", p["step"], 0, steps,
+                          f"task {task} has {steps} steps" if ctx is not None else "the run has done all its tasks")
+        self._check_progress(p, task, step)
+        self._check_optimizer(state["optimizer"], step)
+        self.method.check_state(state["method"], model_state, ctx if step > 0 else None)
+
+    def _task_context(self, t: int, memory: ReplayMemory) -> TaskContext:
+        """Task t's context as enter_task would set it up with `memory` (sizes and steps filled in), without
+        attaching the method or touching this trainer's memory: for checking a checkpoint before it is applied."""
+        live, self.memory = self.memory, memory
+        try:
+            ctx = self.context(t)
+            new, mem = self.method.training_data(ctx)
+            ctx.new_size, ctx.data_size = len(new), len(new) + (len(mem) if mem is not None else 0)
+            ctx.steps = self.total_steps(t)
+        finally:
+            self.memory = live
+        return ctx
+
+    def _check_progress(self, p: dict, task: int, step: int) -> None:
+        """The Progress fields of a checkpoint at (task, step): lengths consistent with them, types, ranges."""
+        C, n = checkpoint, len(self.scenario)
+
+        def accuracies(field: str, values, none: bool = True) -> None:
+            for j, a in enumerate(values):
+                C.need_number(f"{field}[{j}]", a, 0.0, 1.0, none=none)
+
+        def matrix(field: str, rows, length: int, why: str) -> None:
+            for i, row in enumerate(C.need_list(field, rows, length, why)):
+                accuracies(f"{field}[{i}]", C.need_list(f"{field}[{i}]", row, n, f"one entry per task of the {n}"))
+
+        matrix("progress.rows", p["rows"], task, f"one accuracy row per task trained: {task}")
+        if self.cfg.eval.unseen:
+            matrix("progress.unseen", p["unseen"], min(task + 1, n), "one row before training and after each task "
+                   "but the last")
+        else:
+            C.need_list("progress.unseen", p["unseen"], 0, "eval.unseen is off")
+        before = C.need_list("progress.before", p["before"])
+        started = (task + 1,) if step > 0 else (task, min(task + 1, n))  # before_task's accuracy comes first
+        if len(before) not in started:
+            raise C.StateError("progress.before", f"must hold {task + 1 if step > 0 else task} accuracies (one per "
+                               f"task started)", before)
+        accuracies("progress.before", before)
+        timing = C.need_list("progress.timing", p["timing"], task, f"one entry per task trained: {task}")
+        for i, entry in enumerate(timing):
+            field = f"progress.timing[{i}]"
+            C.need_dict(field, entry)
+            for key in ("task", "train_seconds", "eval_seconds", "steps", "train_images", "train_images_per_second"):
+                if key not in entry:
+                    raise C.StateError(f"{field}.{key}", "is missing")
+            C.need_int(f"{field}.task", entry["task"], i, i)
+            C.need_int(f"{field}.steps", entry["steps"])
+            C.need_int(f"{field}.train_images", entry["train_images"])
+            for key in ("train_seconds", "eval_seconds", "checkpoint_seconds", "train_images_per_second"):
+                if key in entry:
+                    C.need_number(f"{field}.{key}", entry[key], 0.0, none=key == "train_images_per_second")
+        C.need_int("progress.nonfinite_skipped", p["nonfinite_skipped"])
+        C.need_int("progress.images_seen", p["images_seen"])
+        C.need_int("progress.loss_steps", p["loss_steps"], 0, step if step > 0 else None,
+                   "logged steps of the task so far" if step > 0 else "")
+        C.need_number("progress.train_seconds", p["train_seconds"], 0.0)
+        C.need_number("progress.loss_sum", p["loss_sum"])
+        if "log_id" in p:
+            C.need_str("progress.log_id", p["log_id"])
+
+    def _check_optimizer(self, state: dict | None, step: int) -> None:
+        """AdamW's state of a checkpoint at `step` of a task: None between tasks, else the groups and moments of
+        the optimiser this trainer builds (parameter indices, shapes, dtypes, step counts)."""
+        C = checkpoint
+        if state is None:
+            if step > 0:
+                raise C.StateError("optimizer", f"is None, but a run resumed within a task (at step {step}) needs "
+                                   "AdamW's state (its moments)")
+            return
+        live = self.optimizer
+        try:
             self._start_optimizer()
-            self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[union-attr]
+            reference = self.optimizer
+        finally:
+            self.optimizer = live
+        assert reference is not None
+        ref = reference.state_dict()
+        params = [q for group in reference.param_groups for q in group["params"]]
+        C.need_dict("optimizer", state, ["state", "param_groups"])
+        groups = C.need_list("optimizer.param_groups", state["param_groups"], len(ref["param_groups"]),
+                             "AdamW's parameter groups for this model")
+        for i, (group, want) in enumerate(zip(groups, ref["param_groups"])):
+            field = f"optimizer.param_groups[{i}]"
+            C.need_dict(field, group)
+            for key in ("params", "lr", "betas", "eps", "weight_decay"):
+                if key not in group:
+                    raise C.StateError(f"{field}.{key}", "is missing")
+            if list(C.need_list(f"{field}.params", group["params"])) != want["params"]:
+                span = f"{want['params'][0]} to {want['params'][-1]}" if want["params"] else "none"
+                raise C.StateError(f"{field}.params", f"must list this model's parameters of the group ({span})",
+                                   group["params"])
+            C.need_number(f"{field}.lr", group["lr"], 0.0)
+            C.need_number(f"{field}.eps", group["eps"], 0.0)
+            for j, b in enumerate(C.need_list(f"{field}.betas", group["betas"], 2)):
+                C.need_number(f"{field}.betas[{j}]", b, 0.0, 1.0)
+            if group["weight_decay"] != want["weight_decay"]:
+                raise C.StateError(f"{field}.weight_decay", f"differs from the run's config ({want['weight_decay']})",
+                                   group["weight_decay"])
+        moments = C.need_dict("optimizer.state", state["state"])
+        for k, entry in moments.items():
+            if not C.is_int(k) or not 0 <= k < len(params):
+                raise C.StateError("optimizer.state", f"holds the key {k!r}, not a parameter index from 0 to "
+                                   f"{len(params) - 1}", moments)
+            field, param = f"optimizer.state[{k}]", params[k]
+            C.need_dict(field, entry, ["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"], optional=("max_exp_avg_sq",))
+            for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if name in entry:
+                    C.need_tensor(f"{field}.{name}", entry[name], dtype=param.dtype, shape=tuple(param.shape),
+                                  why=f"as parameter {k}")
+            count = entry["step"]
+            if isinstance(count, torch.Tensor):
+                count = float(C.need_tensor(f"{field}.step", count, shape=(), floating=True))
+            C.need_number(f"{field}.step", count, 0.0, float(step) if step > 0 else None)
+            if count != int(count):
+                raise C.StateError(f"{field}.step", "must count whole steps", count)
 
     # ------------------------------------------------------------------ pieces
     def _start_optimizer(self) -> None:
@@ -375,12 +537,26 @@ class Trainer:
         self._signal = signum
 
     def run(self, resume: bool = False) -> dict:
-        """Train and evaluate every task; returns the results dict (also written to out_dir)."""
-        kept = rundir.claim(self.out_dir, self.overwrite, resume) if self.main else []
-        distributed.barrier()  # the folder is claimed (and checked) before any rank reads a checkpoint from it
-        if kept:
-            say(f"clipcl: note: --overwrite kept {len(kept)} file(s) in '{self.out_dir}' that clipcl did not write: "
-                + ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else ""))
+        """Train and evaluate every task; returns the results dict (also written to out_dir).
+
+        The folder is claimed first (rank 0): locked against other processes until the run ends, and every
+        file written into it listed in its marker (rundir.py, owned.py)."""
+        claimed = rundir.claim(self.out_dir, self.overwrite, resume) if self.main else None
+        try:
+            distributed.barrier()  # the folder is claimed (and checked) before any rank reads a checkpoint from it
+            if claimed is not None and claimed.restarted:
+                say(f"clipcl: note: '{self.out_dir}' held a run that stopped before its first checkpoint; "
+                    "starting it again there")
+            if claimed is not None and claimed.kept:
+                kept = claimed.kept
+                say(f"clipcl: note: kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} in '{self.out_dir}' that "
+                    "clipcl did not write: " + ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else ""))
+            return self._run(resume)
+        finally:
+            if claimed is not None:
+                claimed.release()
+
+    def _run(self, resume: bool) -> dict:
         if resume:
             self.load_checkpoint()
         if not self.progress.log_id:  # a new run (or one from before the field): a new id, never an old run's
@@ -389,7 +565,7 @@ class Trainer:
         handlers = {}
         if sys.platform != "win32" and self.signals:
             try:
-                handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+                handlers = {s: signal.signal(s, self._on_signal) for s in stop_signals()}  # SIGHUP too
             except ValueError:  # not the main thread: leave signals alone
                 handlers = {}
         try:

@@ -1,6 +1,6 @@
 """`clipcl sweep CONFIG GRID --out DIR`: a grid of runs over any config keys, one after another or N at a time.
 
-A grid file (YAML, read with yaml.safe_load) has three optional sections:
+A grid file (YAML of at most 1 MiB, duplicate keys refused) has three optional sections:
 
     # Method study: ...                       <- the first comment line is what 'clipcl list grids' shows
     overrides: [scenario.train_per_class=500]  # applied to every cell
@@ -18,8 +18,9 @@ run once (above, finetune has 5 cells, not 20). Each cell's overrides are, in or
 on the command line, the variant's, the grid values; a grid key may not also be set in `overrides` or on the
 command line (which value would the cell's name then show?).
 
-Every cell's config is built and validated before anything runs; the first bad key or value stops the sweep
-with one line naming the grid file, the cell and the key. Each cell runs as
+The cells are counted before they are made: a grid of more than 10,000 cells is refused (`--max-cells N`
+raises the limit). Every cell's config is built and validated before anything runs; the first bad key or value
+stops the sweep with one line naming the grid file, the cell and the key. Each cell runs as
 `python -m clipcl.cli run CONFIG <overrides> --out DIR/<cell> --quiet` in its own process with OMP_NUM_THREADS
 (and MKL_NUM_THREADS) set to --threads-per-job, --jobs at a time. Cell folders are named
 `<variant>__<key>-<value>__...` (characters other than letters, digits and `._+-` become `_`).
@@ -28,16 +29,18 @@ Run again, the same command continues a sweep: a cell whose results.json is comp
 is skipped, one holding a checkpoint is resumed (`--resume`), a folder holding files clipcl did not write is
 reported as failed and left alone. A failed cell does not stop the others; its output is kept in
 DIR/logs/<cell>.log and its last lines are printed; the sweep exits 1 at the end if any cell failed. Ctrl-C
-(or SIGTERM) stops the running cells, which write a checkpoint: the same command resumes them. DIR/sweep.json
-records the grid, the cells, their status, wall times and command lines.
+(or SIGTERM, or SIGHUP) stops the running cells, which write a checkpoint: the same command resumes them.
+DIR/sweep.json records the grid, the cells, their status, wall times and command lines.
 
 Pure Python: torch is imported only by the cells' own processes.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -54,10 +57,11 @@ from typing import Any, Callable, TextIO
 
 import yaml
 
-from . import rundir
+from . import owned, rundir
 from .benchmarks import shipped_or_path, titles
 from .checkpoint import comparable
-from .config import ConfigError, RunCfg, apply_overrides, load_config, to_dict
+from .config import ConfigError, RunCfg, apply_overrides, load_config, overridden, read_yaml, show, to_dict
+from .errors import stop_signals
 from .files import write_text
 
 GRID_DIR = Path(__file__).parent / "grids"
@@ -66,6 +70,7 @@ SWEEP_FILE = "sweep.json"
 LOG_DIR = "logs"
 SWEEP_SCHEMA = 1
 TAIL_LINES = 12
+MAX_CELLS = 10_000  # a larger grid is a typo more often than a plan: each cell is a whole run (--max-cells N)
 
 
 @dataclass(frozen=True)
@@ -114,15 +119,17 @@ def key_of(override: str) -> str:
 
 
 def load_grid(name_or_path: str) -> Grid:
-    """Read and check the structure of a grid file (the configs it makes are checked by `configs`)."""
-    path = grid_path(name_or_path)
+    """Read and check the structure of a grid file (the configs it makes are checked by `configs`).
+
+    The file is read as config files are (config.read_yaml): at most 1 MiB, duplicate keys and alias bombs
+    refused, naming the file.
+    """
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read grid file '{path}': {getattr(e, 'strerror', None) or e}.") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"grid file '{path}' is not valid YAML: {' '.join(str(e).split())}") from None
-    data = data or {}
+        path = grid_path(name_or_path)
+    except OSError as e:  # a name too long for the file system
+        raise ConfigError(f"grid '{show(name_or_path)[1:-1]}': {e.strerror or e}. Give a grid YAML file or a shipped "
+                          "grid name ('clipcl list grids').") from None
+    data = read_yaml(path, "grid") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"grid file '{path}' must hold a mapping with sections {', '.join(SECTIONS)}; "
                           f"got {type(data).__name__}")
@@ -181,25 +188,65 @@ def folder_name(variant: str, values: tuple[tuple[str, str], ...]) -> str:
     return name
 
 
-def expand(grid: Grid, extra: list[str] | tuple[str, ...] = ()) -> list[Cell]:
-    """The cells of a grid (variants outer, then the grid's product), pinned duplicates removed."""
+def _pinned(grid: Grid, v_over: tuple[str, ...]) -> dict[str, str]:
+    """Grid key -> the value text a variant pins it to."""
+    grid_keys = {key for key, _ in grid.axes}
+    pinned = {}
+    for o in v_over:
+        if key_of(o) in grid_keys:
+            raw = o.split("=", 1)[1]
+            try:
+                pinned[key_of(o)] = value_text(yaml.safe_load(raw) if raw.strip() else "")
+            except yaml.YAMLError:
+                pinned[key_of(o)] = raw
+    return pinned
+
+
+def _axis_texts(grid: Grid) -> list[list[str]]:
+    """Each axis's distinct value texts, in file order (a repeated value makes the same cells)."""
+    return [list(dict.fromkeys(value_text(v) for v in values)) for _, values in grid.axes]
+
+
+def count_cells(grid: Grid) -> int:
+    """How many cells expand() makes, counted without making them: per variant, the product of the lengths of
+    the axes it does not pin."""
+    texts = _axis_texts(grid)
+    total = 0
+    for _, v_over in (grid.variants or (("", ()),)):
+        pinned = _pinned(grid, v_over)
+        total += math.prod(len(t) for (key, _), t in zip(grid.axes, texts) if key not in pinned)
+    return total
+
+
+def check_size(grid: Grid, max_cells: int = MAX_CELLS) -> int:
+    """The number of cells, or a ConfigError when it is above max_cells (before anything is expanded)."""
+    n = count_cells(grid)
+    if n > max_cells:
+        axes = " x ".join(f"{len(t)} {key}" for (key, _), t in zip(grid.axes, _axis_texts(grid)))
+        parts = ([f"{len(grid.variants)} variants"] if grid.variants else []) + ([axes] if axes else [])
+        raise ConfigError(f"grid file '{grid.path}' makes {n:,} cells ({' times '.join(parts)}), more than the limit "
+                          f"of {max_cells:,}: each cell is a whole run. Shorten the grid's lists, or pass "
+                          f"--max-cells {n} to run them all.")
+    return n
+
+
+def expand(grid: Grid, extra: list[str] | tuple[str, ...] = (), max_cells: int = MAX_CELLS) -> list[Cell]:
+    """The cells of a grid (variants outer, then the grid's product), pinned duplicates removed.
+
+    The cells are counted first (count_cells): a grid of more than max_cells is refused before any is made.
+    """
     grid_keys = [key for key, _ in grid.axes]
     for o in extra:
         if key_of(o) in grid_keys:
             raise ConfigError(f"override '{o}' on the command line sets '{key_of(o)}', which grid '{grid.path}' "
                               "varies; remove it from the command line or from the grid.")
+    check_size(grid, max_cells)
+    texts = _axis_texts(grid)
     cells, seen = [], {}
     for label, v_over in (grid.variants or (("", ()),)):
-        pinned = {}
-        for o in v_over:
-            if key_of(o) in grid_keys:
-                raw = o.split("=", 1)[1]
-                try:
-                    pinned[key_of(o)] = value_text(yaml.safe_load(raw) if raw.strip() else "")
-                except yaml.YAMLError:
-                    pinned[key_of(o)] = raw
-        for combo in itertools.product(*(values for _, values in grid.axes)):
-            values = tuple((key, pinned.get(key, value_text(v))) for key, v in zip(grid_keys, combo))
+        pinned = _pinned(grid, v_over)
+        for combo in itertools.product(*texts):
+            values = tuple((key, pinned.get(key, text)) for key, text in zip(grid_keys, combo))
             if (label, values) in seen:
                 continue
             free = [f"{key}={text}" for key, text in values if key not in pinned]
@@ -222,20 +269,33 @@ def _describe(cell: Cell) -> str:
     return "'" + " ".join(([cell.variant] if cell.variant else []) + [f"{k}={t}" for k, t in cell.values]) + "'"
 
 
-def configs(config: str, grid: Grid, cells: list[Cell], extra: list[str] | tuple[str, ...] = ()) -> dict[str, RunCfg]:
-    """Every cell's validated config (name -> RunCfg); the first mistake is a ConfigError naming where it is."""
+def configs(config: str, grid: Grid, cells: list[Cell], extra: list[str] | tuple[str, ...] = (),
+            stream: TextIO | None = None) -> dict[str, RunCfg]:
+    """Every cell's validated config (name -> RunCfg); the first mistake is a ConfigError naming where it is.
+
+    About 0.3 ms a cell (10,000 cells: 3 s on one core); with a stream, a grid of 1,000 cells or more says so
+    first, and every 10 seconds how far the check is.
+    """
     base = load_config(config)
     try:
         apply_overrides(base, list(grid.overrides))
     except ConfigError as e:
         raise ConfigError(f"grid file '{grid.path}', overrides: {e}") from None
     apply_overrides(base, list(extra))  # a command-line mistake reads as in 'clipcl run'
-    out = {}
-    for cell in cells:
+    data = to_dict(base)
+    if stream is not None and len(cells) >= 1000:
+        print(f"clipcl sweep: checking the configs of {len(cells):,} cells ...", file=stream, flush=True)
+    out, start = {}, time.monotonic()
+    said = start
+    for k, cell in enumerate(cells):
         try:
-            out[cell.name] = apply_overrides(base, list(cell.overrides))
+            out[cell.name] = overridden(data, cell.overrides)
         except ConfigError as e:
             raise ConfigError(f"grid file '{grid.path}', cell '{cell.name}': {e}") from None
+        if stream is not None and time.monotonic() - said > 10:
+            said = time.monotonic()
+            print(f"clipcl sweep: checked {k + 1:,} of {len(cells):,} cells ({duration(said - start)})", file=stream,
+                  flush=True)
     return out
 
 
@@ -324,10 +384,11 @@ def _raise_stop(signum, frame) -> None:
 
 def run(config: str, grid_name: str, overrides: list[str], out: Path | str, jobs: int = 1,
         threads: int | None = None, command: Callable[..., list[str]] = cell_command,
-        stream: TextIO | None = None) -> int:
+        stream: TextIO | None = None, max_cells: int = MAX_CELLS) -> int:
     """Check every cell, then run the grid into out; returns the exit status (0, 1 if a cell failed, 128+signal).
 
-    `command(config, overrides, folder, action)` builds each cell's command line (tests replace it).
+    `command(config, overrides, folder, action)` builds each cell's command line (tests replace it). A grid of more
+    than max_cells cells is refused before it is expanded (the CLI's --max-cells).
     """
     stream = stream or sys.stderr
     if jobs < 1:
@@ -335,20 +396,60 @@ def run(config: str, grid_name: str, overrides: list[str], out: Path | str, jobs
     threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // jobs)
     if threads < 1:
         raise ConfigError(f"--threads-per-job {threads}: give each cell at least 1 thread")
+    if max_cells < 1:
+        raise ConfigError(f"--max-cells {max_cells}: allow at least 1 cell")
     grid = load_grid(grid_name)
-    cells = expand(grid, overrides)
-    cfgs = configs(config, grid, cells, overrides)
+    cells = expand(grid, overrides, max_cells)
+    cfgs = configs(config, grid, cells, overrides, stream)
     config_arg = str(Path(config).expanduser().resolve()) if Path(config).expanduser().is_file() else config
     out = Path(out).expanduser()
+    if str(out).strip() != "":
+        owned.check_path_length(out, "--out")
     if str(out).strip() == "" or (out.exists() and not out.is_dir()):
         raise ConfigError(f"--out '{out}' is not a folder; give the folder the sweep's runs go into.")
-    record = out / SWEEP_FILE
-    if record.exists() and not _is_sweep_record(record):
-        raise ConfigError(f"'{record}' exists and was not written by clipcl sweep; choose another --out.")
+    _check_folder(out)
+    _writable(out)
+    lock = owned.FolderLock(out, "sweep").acquire()  # one sweep at a time in a folder
     try:
-        (out / LOG_DIR).mkdir(parents=True, exist_ok=True)
+        _check_folder(out, locked=True)  # again, under the lock
+        if owned.kind_of(out) != "sweep":
+            owned.create_marker(out, "sweep")
+        owned.track(out)
+        owned.add_files(out, [f"{LOG_DIR}/", f"{LOG_DIR}/*.log"])
+        owned.real_dir(out / LOG_DIR, "cell logs")
+        return _sweep(config_arg, grid, cells, cfgs, overrides, out, jobs, threads, command, stream)
+    finally:
+        owned.untrack(out)
+        lock.release()
+
+
+def _check_folder(out: Path, locked: bool = False) -> None:
+    """Refuse a sweep folder in use by another process, or not empty without clipcl's sweep marker."""
+    if not out.is_dir():
+        return
+    busy = None if locked else owned.holder(out)
+    if busy:
+        raise ConfigError(busy)
+    if owned.contents(out) and owned.kind_of(out) != "sweep":
+        raise ConfigError(f"--out '{out}' is not empty and holds no clipcl sweep (no {owned.MARKER_NAME} marker of a "
+                          "sweep): clipcl sweep writes its cells, sweep.json and logs/ only into a new or empty folder, "
+                          "or one of its own sweeps. Choose another --out.")
+    record = out / SWEEP_FILE
+    if record.is_symlink() or (record.exists() and not _is_sweep_record(record)):
+        raise ConfigError(f"'{record}' exists and was not written by clipcl sweep; choose another --out.")
+
+
+def _writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"cannot create '{out / LOG_DIR}' ({e.strerror or e}); choose another --out.") from None
+        raise ConfigError(f"cannot create '{out}' ({e.strerror or e}); choose another --out.") from None
+
+
+def _sweep(config_arg: str, grid: Grid, cells: list[Cell], cfgs: dict[str, RunCfg], overrides: list[str], out: Path,
+           jobs: int, threads: int, command: Callable[..., list[str]], stream: TextIO) -> int:
+    """Run the cells of a checked grid in the sweep's locked folder."""
+    record = out / SWEEP_FILE
 
     status: dict[str, dict[str, Any]] = {}
     for cell in cells:
@@ -400,6 +501,9 @@ def run(config: str, grid_name: str, overrides: list[str], out: Path | str, jobs
                 return
         start = time.monotonic()
         try:
+            if (out / LOG_DIR).is_symlink() or folder.is_symlink():  # planted since the sweep started
+                raise OSError(errno.ELOOP, "a symbolic link was planted there; clipcl does not write through it")
+            owned.add_files(out, [f"{cell.name}/"])
             fd = _open_log(log)
             os.write(fd, f"== {_now()} clipcl sweep: {s['command']}\n".encode())
             offset = os.lseek(fd, 0, os.SEEK_END)  # the tail shown on failure is this attempt's output only
@@ -431,9 +535,10 @@ def run(config: str, grid_name: str, overrides: list[str], out: Path | str, jobs
 
     stopped = 0
     in_main = threading.current_thread() is threading.main_thread()  # signal handlers belong to the main thread
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-    if in_main:
-        signal.signal(signal.SIGTERM, _raise_stop)
+    handlers = {sig: signal.getsignal(sig) for sig in stop_signals()} if in_main else {}
+    for sig in handlers:  # SIGINT raises KeyboardInterrupt already; a kill or a closed terminal stops alike
+        if sig != signal.SIGINT:
+            signal.signal(sig, _raise_stop)
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="clipcl-sweep")
     try:
         futures = [pool.submit(one, cell) for cell in todo]
@@ -448,7 +553,7 @@ def run(config: str, grid_name: str, overrides: list[str], out: Path | str, jobs
                 procs = list(running.values())
             print(f"\nclipcl sweep: stopping {len(procs)} running cell(s); each writes a checkpoint first ...",
                   file=stream, flush=True)
-            for proc in procs:  # a Ctrl-C at a terminal reached them already; a SIGTERM to the sweep did not
+            for proc in procs:  # a Ctrl-C or hang-up at a terminal reached them already; a kill of the sweep alone did not
                 try:
                     proc.send_signal(stopped)
                 except OSError:
