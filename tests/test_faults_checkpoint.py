@@ -361,7 +361,8 @@ EDITS = [
 ]
 
 
-@pytest.mark.parametrize("via", ["--resume", "resume"])
+# every edit through `clipcl run --resume`; through `clipcl resume DIR` (the same check) in the slow suite
+@pytest.mark.parametrize("via", ["--resume", pytest.param("resume", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("edit, field, words", EDITS)
 def test_edited_checkpoint_is_refused_naming_the_file_and_the_field(edit, field, words, via, stopped, tmp_path,
                                                                     capsys):

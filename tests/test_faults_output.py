@@ -331,21 +331,17 @@ def test_a_user_file_beside_a_killed_run_still_needs_overwrite(tmp_path, capsys)
 
 # ---------------------------------------------------------------------- two processes, one folder
 @pytest.mark.parametrize("first, second", [
-    ("run", "resume"), ("run", "overwrite"), ("resume", "run-resume"), ("resume", "overwrite")])
+    ("run", "resume"), pytest.param("run", "overwrite", marks=pytest.mark.slow),
+    pytest.param("resume", "run-resume", marks=pytest.mark.slow), ("resume", "overwrite")])
 def test_a_second_process_on_a_folder_in_use_is_told_who_holds_it(first, second, finished, tmp_path, capsys):
     out = stopped_run(tmp_path) if first == "resume" else tmp_path / "run"
     argv = {"run": ["run", "fmnist-cil", *TWO_TASKS, "--out", str(out)], "resume": ["resume", str(out)]}[first]
-    if first == "resume":
-        (out / "checkpoint.pt").rename(out / "checkpoint.keep")
-        shutil.copy(out / "checkpoint.keep", out / "checkpoint.pt")
     proc = holding(argv)
     try:
         before = snapshot(out)
         second_argv = {"resume": ["resume", str(out)],
                        "run-resume": ["run", "fmnist-cil", *TWO_TASKS, "--out", str(out), "--resume"],
                        "overwrite": ["run", "fmnist-cil", *TWO_TASKS, "--out", str(out), "--overwrite"]}[second]
-        if first == "run" and second == "resume":
-            pass
         err = fail(second_argv, capsys)
         assert f"is in use by clipcl (pid {proc.pid}" in err and "Wait for it to finish" in err
         assert snapshot(out) == before

@@ -48,7 +48,9 @@ def test_channels_last_is_the_same_training_in_another_memory_layout(tmp_path):
     assert x.is_contiguous(memory_format=torch.channels_last)
     convs = [m.weight for m in cl.bundle.model.visual.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
-    assert_same_training(cl.bundle.model.state_dict(), plain.bundle.model.state_dict())
+    # Another layout sums every convolution in another order: on this project's CPU (AMD EPYC, oneDNN) 0.26% of
+    # the weights end more than 1e-4 apart after AdamW (0.1% on others); a wrong computation moves most of them.
+    assert_same_training(cl.bundle.model.state_dict(), plain.bundle.model.state_dict(), share_limit=1e-2)
 
 
 def _counting_encode_text(monkeypatch) -> list[int]:

@@ -113,7 +113,7 @@ def remove_listed(folder: Path | str, keep: Iterable[str] = ()) -> list[str]:
         return contents(folder)
     keep = set(keep)
     entries = set(marker["files"])
-    for entry in sorted(entries, key=lambda e: -e.count("/")):  # the files of a sub-folder first
+    for entry in sorted(entries, key=lambda e: (-e.count("/"), e.endswith("/"), e)):  # files before their folder
         if entry.split("/", 1)[0] in keep:
             continue
         p = folder / entry
