@@ -391,3 +391,26 @@ def test_out_names_too_long_for_the_file_system_are_one_line(command, shape, tmp
     err = fail([*argv, "--out", str(out)], capsys)
     assert ("bytes long" in err) and ("shorter" in err)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("entry", ["/tmp/elsewhere.txt", "../outside.txt", "a/b/c", ""])
+def test_a_hand_edited_marker_pointing_outside_its_folder_is_not_clipcls(entry, finished, tmp_path, capsys):
+    out = copy_run(finished, tmp_path)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine")
+    marker = json.loads((out / owned.MARKER_NAME).read_text())
+    marker["files"].append(entry.replace("/tmp/elsewhere.txt", str(outside)))
+    (out / owned.MARKER_NAME).write_text(json.dumps(marker))
+    before = snapshot(tmp_path)
+    err = fail(["run", "fmnist-cil", *ZEROSHOT, "--out", str(out), "--overwrite"], capsys)
+    assert "holds no clipcl run" in err and snapshot(tmp_path) == before
+
+
+def test_overwrite_removes_nothing_through_a_listed_folder_replaced_by_a_link(finished, tmp_path, capsys):
+    out, victim = copy_run(finished, tmp_path), tmp_path / "victim"
+    victim.mkdir()
+    (victim / "a.txt").write_text("mine")
+    owned.add_files(out, ["sub/", "sub/a.txt"])
+    (out / "sub").symlink_to(victim, target_is_directory=True)
+    assert main(["run", "fmnist-cil", *ZEROSHOT, "--out", str(out), "--overwrite", "--quiet"]) == 0
+    assert (victim / "a.txt").read_text() == "mine"

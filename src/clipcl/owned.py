@@ -54,9 +54,18 @@ def read_marker(folder: Path | str) -> dict | None:
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     if (not isinstance(data, dict) or data.get("written_by") != "clipcl" or data.get("kind") not in KINDS
-            or not isinstance(data.get("files"), list) or not all(isinstance(f, str) for f in data["files"])):
+            or not isinstance(data.get("files"), list) or not all(_entry_ok(f) for f in data["files"])):
         return None
     return data
+
+
+def _entry_ok(entry: object) -> bool:
+    """An entry of the kind clipcl lists: 'name', 'folder/', 'folder/name' or 'folder/pattern*', never absolute,
+    '..' or deeper (a hand-edited marker must not point --overwrite outside its folder)."""
+    if not isinstance(entry, str) or not entry or entry.startswith("/") or "\\" in entry or "\x00" in entry:
+        return False
+    parts = entry[:-1].split("/") if entry.endswith("/") else entry.split("/")
+    return len(parts) <= 2 and all(p not in ("", ".", "..") for p in parts) and not (entry.endswith("/") and len(parts) > 1)
 
 
 def kind_of(folder: Path | str) -> str | None:
@@ -117,6 +126,9 @@ def remove_listed(folder: Path | str, keep: Iterable[str] = ()) -> list[str]:
         if entry.split("/", 1)[0] in keep:
             continue
         p = folder / entry
+        first = folder / entry.split("/", 1)[0]
+        if "/" in entry.rstrip("/") and (first.is_symlink() or not first.is_dir()):
+            continue  # a listed sub-folder replaced by a link (or a file): nothing is removed through it
         if "*" in p.name:  # files named by a pattern (TensorBoard's event files), in a real sub-folder only
             if p.parent.is_dir() and not p.parent.is_symlink() and p.parent.resolve().parent == folder.resolve():
                 for q in p.parent.glob(p.name):
@@ -206,6 +218,20 @@ def _read_info(fd: int) -> dict | None:
         return None
 
 
+def _try_lock(fd: int) -> bool:
+    """An exclusive lock without waiting, tried a few times over 0.2 s: another process's `holder` probe holds
+    a shared lock for an instant, which must not read as a folder in use."""
+    import fcntl
+
+    for attempt in range(5):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
 class FolderLock:
     """An exclusive lock on a folder for the life of a run, sweep, demo or report (see the module doc)."""
 
@@ -220,8 +246,6 @@ class FolderLock:
 
     def acquire(self) -> "FolderLock":
         """Take the lock (the folder must exist); ConfigError naming the holder when another process has it."""
-        import fcntl
-
         if self._fd is not None:
             return self
         for _ in range(20):
@@ -234,9 +258,7 @@ class FolderLock:
                 from .files import OutputError, _describe
 
                 raise OutputError(e.errno or errno.EIO, _describe(self.path, e)) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            if not _try_lock(fd):
                 info = _read_info(fd)
                 os.close(fd)
                 raise ConfigError(busy_message(self.folder, info)) from None
@@ -249,9 +271,12 @@ class FolderLock:
                 continue
             info = {"written_by": "clipcl", "pid": os.getpid(), "host": socket.gethostname(),
                     "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)[:300]}
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, (json.dumps(info) + "\n").encode())
+            try:  # who holds it: information only (a full disk leaves it empty, the lock holds all the same)
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.write(fd, (json.dumps(info) + "\n").encode())
+            except OSError:
+                pass
             self._fd = fd
             return self
         raise ConfigError(busy_message(self.folder, None))
