@@ -1,4 +1,4 @@
-"""The command line: clipcl run | resume | sweep | demo | report | list.
+"""The command line: clipcl run | resume | sweep | pretrain | demo | report | list.
 
 Only the light modules (config, rundir, checkpoint names, files, errors) are imported at start-up, so that
 `clipcl --help` and every mistake in the command answer at once; torch comes with the commands that train.
@@ -96,6 +96,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     return sweep.run(args.config, args.grid, args.overrides, Path(args.out), jobs=args.jobs,
                      threads=args.threads_per_job, max_cells=args.max_cells)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from . import pretrain  # light: torch comes with the pretraining
+
+    record = pretrain.write_pretrained(args.root, args.out, args.overrides, args.overwrite, args.quiet)
+    if not args.quiet:
+        source = record.get("recipe") or record.get("root")
+        print(f"clipcl: pretrained {record['model']} on {source} ({len(record['classes'])} classes): zero-shot accuracy "
+              f"{100 * record['zero_shot_accuracy']:.1f}% on {record['test_images']} test images -> {args.out} "
+              f"(record: {pretrain.record_path(Path(args.out).expanduser()).name})", file=sys.stderr, flush=True)
+    return 0
 
 
 def demo_config(overrides: list[str]) -> RunCfg:
@@ -287,6 +299,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refuse a grid of more cells than this (default 10000; each cell is a whole run)")
     sw.set_defaults(fn=cmd_sweep)
     sw.intermixed = True
+    pt = sub.add_parser("pretrain", help="a tiny CLIP that knows an image folder's classes: clipcl pretrain ROOT "
+                        "--out WEIGHTS.pt [key=value ...]",
+                        description="Pretrain a CLIP from scratch (both towers) on every class of an image folder in "
+                        "one joint run, measure its zero-shot accuracy on the folder's test images, and write the "
+                        "weights as a plain state dict (load them with model.pretrained=WEIGHTS.pt) with a record "
+                        "WEIGHTS.json. Defaults: clipcl-tiny-rn at 32 px, 8 epochs (see README).")
+    pt.add_argument("root", metavar="ROOT", help="ROOT/train/<class>/* with ROOT/test/<class>/* (or val/), or a flat "
+                    "ROOT/<class>/* (a seeded tenth of each class held out as test); or a shipped recipe clipcl:<tag> "
+                    "(its cached weights are copied)")
+    pt.add_argument("overrides", nargs="*", help="dotted overrides of the pretraining config, as for clipcl run, e.g. "
+                    "optim.epochs=20 model.name=clipcl-tiny-vit scenario.image_size=28")
+    pt.add_argument("--out", required=True, metavar="WEIGHTS.pt", help="the weights file to write (a new file); its "
+                    "record goes next to it, named with .json")
+    pt.add_argument("--overwrite", action="store_true", help="replace weights (and their record) that clipcl pretrain "
+                    "wrote there")
+    pt.add_argument("--quiet", action="store_true", help="no progress lines, only warnings and errors")
+    pt.set_defaults(fn=cmd_pretrain)
+    pt.intermixed = True
     b = sub.add_parser("bench", help="train and evaluation images/s, FLOPs, MFU and memory of a config")
     b.add_argument("config", help="a YAML file or a shipped benchmark name (clipcl list benchmarks)")
     b.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.name=ViT-B-16 method.name=gdro")

@@ -54,3 +54,33 @@ def concat_positions(seed: int, task: int, step: int, batch_size: int, n_new: in
 def uniform_positions(seed: int, task: int, step: int, batch_size: int, n_new: int, n_mem: int) -> np.ndarray:
     """A batch of `batch_size` samples from the epoch stream over D_t U M (new and memory alike)."""
     return stream_positions(seed, task, n_new + n_mem, step * batch_size, batch_size)
+
+
+def memory_draws_per_step(sampling: str, batch_size: int, n_new: int, n_mem: int) -> float:
+    """How many times a step draws each memory image, in expectation (the replay rate): `concat` draws
+    batch_size memory positions a step (without replacement when the memory holds that many), `uniform` draws
+    batch_size positions of D_t U M alike. 0 without memory."""
+    if n_mem <= 0:
+        return 0.0
+    if sampling == "uniform":
+        return batch_size / (n_new + n_mem)
+    return batch_size / n_mem
+
+
+def replay_rates(cfg) -> list[float]:
+    """The replay rate (memory_draws_per_step) of every task of a class-incremental RunCfg with a per-class
+    memory, from the config alone: task t's memory holds memory.per_class images of each class of tasks < t, its
+    new data scenario.train_per_class - scenario.val_per_class images of each of its classes."""
+    s, n_classes = cfg.scenario, {"fmnist100": 100, "cifar100": 100}.get(cfg.scenario.dataset)
+    if s.kind != "cil" or n_classes is None or cfg.memory.total or cfg.memory.bytes:
+        raise ValueError("replay_rates: a class-incremental fmnist100 or cifar100 config with memory.per_class")
+    per_class = {"fmnist100": 500, "cifar100": 500}[s.dataset]
+    train = (min(s.train_per_class, per_class) if s.train_per_class else per_class) - s.val_per_class
+    first = s.initial_classes or s.classes_per_task
+    sizes = [first] + [s.classes_per_task] * ((n_classes - first) // s.classes_per_task)
+    rates, old = [], 0
+    for k in sizes:
+        rates.append(memory_draws_per_step(cfg.method.sampling, cfg.optim.batch_size, k * train,
+                                           cfg.memory.per_class * old))
+        old += k
+    return rates

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -562,7 +563,52 @@ def _folder_classnames(root: Path, folders: list[str]) -> list[str]:
     return names
 
 
-@register("imagefolder", "your images: ROOT/train|test/<class>/* (CIL) or ROOT/<domain>/train|test/<class>/* (DIL)")
+FLAT_TEST_SEED = 271828  # the held-out draw of a flat folder: fixed, so every run tests on the same files
+
+
+def flat_test_positions(n: int, folder: str) -> np.ndarray:
+    """Sorted positions, among the n sorted files of the flat class folder `folder`, of the files held out as test:
+    a seeded tenth (n // 10, at least 1 when n >= 2), drawn by a generator seeded by the folder's name alone, so
+    a class holds out the same files whatever the other classes (and in `clipcl pretrain` as in `clipcl run`)."""
+    k = max(1, n // 10) if n >= 2 else 0
+    rng = np.random.default_rng([FLAT_TEST_SEED, zlib.crc32(folder.encode("utf-8", "surrogateescape"))])
+    return np.sort(rng.choice(n, size=k, replace=False)) if k else np.zeros(0, np.int64)
+
+
+def _flat_imagefolder(cfg: ScenarioCfg, root: Path) -> Dataset:
+    """ROOT/<class>/* without split folders: flat_test_positions of each class held out as the test split."""
+    if (root / "train").is_dir():  # a split layout missing its test folder, not a class called 'train'
+        raise ConfigError(f"'{root}' has train/ but no test/ (or val/) folder beside it. Add ROOT/test/<class>/*, "
+                          "or put the class folders directly in ROOT (a tenth of each class is then held out as "
+                          "test).")
+    folders = _class_dirs(root)
+    paths, labels, empty = _scan_classes(root, folders) if folders else ([], np.zeros(0, np.int64), [])
+    if not paths:
+        raise ConfigError(f"'{root}' has neither train/ and test/ (or val/) folders, nor domain folders holding them, "
+                          "nor class folders holding images. Expected ROOT/train/<class>/* and ROOT/test/<class>/* "
+                          "(or ROOT/<class>/*, a tenth of each class then held out as test) for class-incremental "
+                          "runs, or ROOT/<domain>/train/<class>/* and ROOT/<domain>/test/<class>/* for "
+                          "domain-incremental runs.")
+    names = _folder_classnames(root, folders)
+    notes: dict = {"root": str(root), "warnings": [], "layout": "flat"}
+    counts = np.bincount(labels, minlength=len(folders))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    held = np.concatenate([starts[y] + flat_test_positions(int(n), c) for y, (c, n) in enumerate(zip(folders, counts))])
+    kept = np.setdiff1d(np.arange(len(paths)), held)
+    if empty:
+        notes["warnings"].append(_empty_classes_warning("", "training", empty))
+    single = [c for c, n in zip(folders, counts) if n == 1]
+    if single:  # one image: kept for training, so the class is never measured
+        notes["warnings"].append(_empty_classes_warning("", "test", single))
+    index = _FileIndex()
+    for positions in (kept, held):
+        index.add([paths[i] for i in positions], labels[positions])
+    train, test = index.build(cfg, notes)
+    return Dataset("imagefolder", names, train=train, test=test, notes=notes)
+
+
+@register("imagefolder", "your images: ROOT/train|test/<class>/* or ROOT/<class>/* (CIL), "
+                        "ROOT/<domain>/train|test/<class>/* (DIL)")
 def load_imagefolder(cfg: ScenarioCfg) -> Dataset:
     """A user's folder: labels follow the sorted class-folder names (the union over splits and domains)."""
     if not cfg.root and not os.environ.get("CLIPCL_DATA"):
@@ -582,11 +628,8 @@ def load_imagefolder(cfg: ScenarioCfg) -> Dataset:
     else:
         parts = {d: split_dirs(root / d) for d in _class_dirs(root)}
         parts = {d: s for d, s in parts.items() if s is not None}
-        if not parts:
-            raise ConfigError(f"'{root}' has neither train/ and test/ (or val/) folders nor domain folders holding "
-                              "them. Expected ROOT/train/<class>/* and ROOT/test/<class>/* for class-incremental "
-                              "runs, or ROOT/<domain>/train/<class>/* and ROOT/<domain>/test/<class>/* for "
-                              "domain-incremental runs.")
+        if not parts:  # no split folders anywhere: class folders of images, a tenth held out as test
+            return _flat_imagefolder(cfg, root)
     folders = sorted({c for tr, te in parts.values() for c in _class_dirs(tr) + _class_dirs(te)})
     if not folders:
         raise ConfigError(f"'{root}': no class folders inside train/ and test/.")
