@@ -249,9 +249,22 @@ class MethodCfg:
     #                            sample pairs, temperature detached (the first reconstruction)
     dro_signal: str = "auto"  # the class loss DRO weighs: t2i (its text -> image term, new images as negatives;
     #                           prompts form) | loss (the moving average of the whole loss) | excess (over its value
-    #                           when the class was last trained) | auto: t2i in the prompts form, loss in pairs
+    #                           when the class was last trained) | auto: t2i in the prompts form, loss in pairs |
+    #                           probe (old classes: the image -> text loss of memory images held out of training,
+    #                           method.probe_per_class each) | oracle (every seen class: that loss on the validation
+    #                           split; a DIAGNOSTIC, NOT A METHOD: it reads held-out labelled data of old tasks)
     lam_start: float = 0.0  # > lam: the KL-DRO temperature falls from lam_start to lam over each task (cosine)
     telemetry_every: int = 1  # record the DRO class weights every N steps
+    t2i_eps: float = 0.0  # prompts form: the text -> image term is log(eps + mean_j exp(a_jc - a_ic)) + log n;
+    #                       0 = 1/n, n the batch size (this project's choice, saturating: a well-fit sample has
+    #                       little gradient); FastCLIP's 1e-14 is a numerical guard (the gradient stays whole)
+    class_presence: str = "batch"  # gdro's per-sample weights: batch (w_i = p_y / (n_B(y) sum_{c in B} p_c)) |
+    #                                corrected (w_i = p_y / (pi_y n_B(y)), pi_c the chance that class c is in a
+    #                                batch under method.sampling: unbiased for sum_c p_c L_c)
+    probe_per_class: int = 1  # dro_signal=probe: memory images of each old class held out of training as probes
+    signal_every: int = 10  # dro_signal=probe | oracle: steps between the no-grad forwards on the held-out images
+    replay_share: str = "batch"  # er: batch (the plain mini-batch CLIP loss) | classes (memory samples carry
+    #                              n_old / n_seen of the loss, new samples n_new / n_seen: class balancing's ratio)
 
 
 @dataclass(frozen=True)
@@ -307,7 +320,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.dro": ("kl", "groupdro", "cvar", "none"),
     "method.gamma_schedule": ("constant", "cosine"),
     "method.gcl_form": ("pairs", "prompts"),
-    "method.dro_signal": ("auto", "loss", "excess", "t2i"),
+    "method.dro_signal": ("auto", "loss", "excess", "t2i", "probe", "oracle"),
+    "method.class_presence": ("batch", "corrected"),
+    "method.replay_share": ("batch", "classes"),
     "eval.templates": ("default", "ensemble"),
     "eval.split": ("test", "val"),
     "device": ("auto", "cpu", "cuda"),
@@ -511,6 +526,32 @@ def validate(cfg: RunCfg) -> None:
     _check(me.distill_temp > 0, "method.distill_temp", me.distill_temp, "must be positive")
     _check(me.label_weight >= 0, "method.label_weight", me.label_weight, "must be 0 or more")
     _check(me.telemetry_every >= 1, "method.telemetry_every", me.telemetry_every, "must be at least 1")
+    _check(me.t2i_eps >= 0, "method.t2i_eps", me.t2i_eps,
+           "must be 0 (eps = 1/n, n the batch size) or a positive number (FastCLIP: 1e-14)")
+    _check(not (me.t2i_eps and me.gcl_form != "prompts"), "method.t2i_eps", me.t2i_eps,
+           "sets the text -> image term of method.gcl_form=prompts; it has no effect in the pairs form. Set it to 0")
+    _check(me.probe_per_class >= 1, "method.probe_per_class", me.probe_per_class,
+           "must be 1 or more (memory images held out per old class)")
+    _check(me.signal_every >= 1, "method.signal_every", me.signal_every, "must be at least 1 (steps)")
+    held_out = me.dro_signal in ("probe", "oracle")
+    _check(not held_out or me.gcl_form == "prompts", "method.dro_signal", me.dro_signal,
+           f"{me.dro_signal} reads the image -> text loss over every seen class prompt, which needs "
+           "method.gcl_form=prompts (the pairs form has none)")
+    if me.dro_signal == "probe":
+        _check(not (m.total or m.bytes), "memory.total" if m.total else "memory.bytes", m.total or m.bytes,
+               "method.dro_signal=probe holds out method.probe_per_class images of each old class's memory, which "
+               "needs a per-class budget: set memory.total and memory.bytes to 0 and memory.per_class above "
+               f"{me.probe_per_class}")
+        _check(m.per_class > me.probe_per_class, "memory.per_class", m.per_class,
+               f"method.dro_signal=probe holds out method.probe_per_class={me.probe_per_class} image(s) of each old "
+               f"class's memory and trains on the rest, so memory.per_class must be at least "
+               f"{me.probe_per_class + 1}" + (" (at memory.per_class=1 there is no image to spare for a probe: use "
+                                               "dro_signal=auto, or oracle as a diagnostic)" if m.per_class == 1 else ""))
+    _check(me.dro_signal != "oracle" or s.val_per_class > 0, "method.dro_signal", me.dro_signal,
+           "oracle reads the validation split of every seen task: set scenario.val_per_class to 1 or more")
+    _check(me.replay_share != "classes" or s.kind == "cil", "method.replay_share", me.replay_share,
+           "classes splits the loss between old classes (memory) and the new task's classes; in a domain-incremental "
+           "stream every class is both. Use replay_share=batch")
     _check(cfg.log.every >= 1, "log.every", cfg.log.every, "must be at least 1 (a row every N steps)")
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be 0 (per task) or more")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be at least 1")

@@ -31,6 +31,22 @@ def clip_loss(z: torch.Tensor, text: torch.Tensor, inv: torch.Tensor, scale: tor
     return (i2t + t2i) / 2
 
 
+def weighted_clip_loss(z: torch.Tensor, text: torch.Tensor, inv: torch.Tensor, scale: torch.Tensor | float,
+                       w_i2t: torch.Tensor, w_t2i: torch.Tensor) -> torch.Tensor:
+    """The mini-batch CLIP loss with per-sample weights on its two terms (each set of weights sums to 1):
+
+        i2t = sum_i w_i2t[i] CE_i,   CE_i = -log softmax_u(scale z_i . t_u)[u_i] over the U batch class texts
+        t2i = sum_j w_t2i[j] l_j,    l_j = -log softmax_k(scale t_{u_j} . z_k)[j] over the B batch images
+    and returns (i2t + t2i) / 2. clip_loss is w_i2t = 1 / B and w_t2i[j] = 1 / (U n_B(u_j)), up to rounding.
+    """
+    logits = scale * z @ text.t()  # [B, U]
+    ce = -torch.log_softmax(logits, dim=1).gather(1, inv.view(-1, 1)).squeeze(1)
+    own = torch.log_softmax(logits.t(), dim=1).gather(0, inv.view(1, -1)).squeeze(0)  # log p(j | class of j)
+    i2t = (w_i2t.to(ce.dtype) * ce).sum()
+    t2i = -(w_t2i.to(own.dtype) * own).sum()
+    return (i2t + t2i) / 2
+
+
 def _masked_log_mean_exp(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log mean_{j: mask_ij} exp(x_ij) per row; -inf for rows with no entry."""
     n = mask.sum(1)
@@ -145,7 +161,10 @@ class ClassDRO(nn.Module):
       groupdro p ∝ q, q_c <- q_c exp(eta m_c) (online exponentiated gradient)
       cvar     p uniform on the top ceil(alpha |K|) classes by v
       none     p uniform (class-balanced averaging only)
-    then optionally capped at max_weight. A batch sample i gets w_i = p_{y_i} / (n_B(y_i) sum_{c in B} p_c).
+    then optionally capped at max_weight. A batch sample i gets w_i = p_{y_i} / (n_B(y_i) sum_{c in B} p_c), or,
+    given each class's probability pi_c of being in a batch (class_presence=corrected), w_i = p_{y_i} / (pi_{y_i}
+    n_B(y_i)): then E[sum_i w_i L_i] = sum_c p_c L_c, classes absent from a batch included (the weights of one
+    batch no longer sum to 1; their expectation does).
     With `adjust` = C > 0, every v_c above is read as v_c + C / sqrt(n_c), n_c the class's samples in the stage
     (group DRO's size adjustment: a memory class of 2 images looks worse than its loss says).
     With `excess`, every v_c is read as v_c - b_c, b_c its value when the class was last trained (mark_trained;
@@ -234,11 +253,16 @@ class ClassDRO(nn.Module):
         return p
 
     @torch.no_grad()
-    def sample_weights(self, labels: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
-        """w_i = p_{y_i} / (n_B(y_i) sum_{c in B} p_c); all zero if no batch class has weight (cvar)."""
+    def sample_weights(self, labels: torch.Tensor, p: torch.Tensor | None = None,
+                       presence: torch.Tensor | None = None) -> torch.Tensor:
+        """w_i = p_{y_i} / (n_B(y_i) sum_{c in B} p_c); all zero if no batch class has weight (cvar). With
+        `presence` pi [n_classes] (the chance that each class is in a batch): w_i = p_{y_i} / (pi_{y_i} n_B(y_i))."""
         p = self.class_weights() if p is None else p
         classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         pb = p[classes]
+        if presence is not None:
+            pi = presence.to(pb.device, pb.dtype)[classes]
+            return (pb / (counts.to(pb.dtype) * pi.clamp_min(1e-300)))[inverse]
         total = pb.sum()
         if total <= 0:
             return torch.zeros(len(labels), dtype=torch.float64, device=labels.device)
@@ -255,24 +279,35 @@ class PromptContrastiveLoss(nn.Module):
     scale s and its gradient. For sample i of class c, a_ik = s z_i . t_k over the K seen class prompts:
 
         image -> text  L1_i = log sum_k exp(a_ik) - a_ic         exact: every seen prompt, each counted once
-        text -> image  L2_i = log(1 + n exp(-a_ic) m_c),  m_c = mean_{j in D_t U M, y_j != c} exp(a_jc)
+        text -> image  L2_i = log(eps + exp(-a_ic) m_c) + log n,  m_c = mean_{j in D_t U M, y_j != c} exp(a_jc)
         L_i = (L1_i + L2_i) / 2
 
-    L2 is CLIP's text-to-image term with the batch's n negatives replaced by n times their mean over the whole
-    stage data (FastCLIP's log(eps + mean) with eps = 1 / n): same size as the mini-batch loss, and it
-    saturates (a well-separated sample has almost no gradient). One estimator per class prompt,
+    L2 is FastCLIP's text-to-image term log(eps + mean_j exp(a_jc - a_ic)), shifted by the constant log n (n the
+    negatives the term stands for, n_ref) so that it is comparable to the mini-batch CLIP loss. eps = 0 (the
+    default) means eps = 1 / n, this project's choice: L2_i = log(1 + n exp(-a_ic) m_c), CLIP's text-to-image
+    term with the batch's n negatives replaced by n times their mean over the whole stage data; it saturates
+    (a well-separated sample has almost no gradient). FastCLIP's own eps is 1e-14, a numerical guard: the term
+    is then log mean_j exp(a_jc - a_ic) + log n, whose gradient stays whole until the ratio below falls under
+    1e-14. One estimator per class prompt,
     log u_c ~ log m_c, moving average of the batch's importance-weighted mean over its negatives of c, updated
     every step for every seen class (the batch's samples weighted so that new and memory samples count as in
-    D_t U M, whatever the batch mix). The surrogate
-        sg(sigma_i) (mean_j sg(w_j exp(a_jc - log u_c)) a_jc - a_ic),   sigma_i = sigmoid(log n + log u_c - a_ic)
+    D_t U M, whatever the batch mix). With ratio_i = exp(log u_c - a_ic), the surrogate
+        sg(sigma_i) (mean_j sg(w_j exp(a_jc - log u_c)) a_jc - a_ic),   sigma_i = ratio_i / (eps + ratio_i)
+                                                                                = sigmoid(log ratio_i - log eps)
     has the gradient of L2_i with m_c read from the estimator (exact when the batch is all of D_t U M, gamma=1).
+    At eps = 1/n, sigma_i = n ratio_i / (1 + n ratio_i) is the text -> image softmax's mass on the negatives (n of
+    them at the stage's mean): a sample whose positive holds more than 0.97 of it has its gradient multiplied by
+    less than 0.03.
     """
 
-    def __init__(self, n_classes: int = 0, gamma: float = 0.9):
+    def __init__(self, n_classes: int = 0, gamma: float = 0.9, eps: float = 0.0):
         super().__init__()
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be 0 (1 / n) or positive, got {eps}")
         self.gamma = gamma
+        self.eps = eps  # 0: 1 / n_ref
         self.register_buffer("log_u", torch.zeros(n_classes, dtype=torch.float64))
         self.register_buffer("visited", torch.zeros(n_classes, dtype=torch.bool))
 
@@ -311,8 +346,13 @@ class PromptContrastiveLoss(nn.Module):
         coef = torch.exp((a.detach().to(torch.float64) + log_w - self.log_u.view(1, -1)).to(a.dtype))
         coef = coef.masked_fill(~neg, 0.0)
         grad_log_m = (coef * a).sum(0)  # [K], differentiable
-        log_ratio = math.log(n_ref) + log_u[labels] - a_pos.detach()
-        t2i = F.softplus(log_ratio)
+        if not self.eps:  # eps = 1 / n: log(1/n + ratio) + log n = softplus(log n + log ratio)
+            log_ratio = math.log(n_ref) + log_u[labels] - a_pos.detach()
+            t2i = F.softplus(log_ratio)
+        else:  # log(eps + ratio) + log n, sigma = sigmoid(log ratio - log eps)
+            log_r = log_u[labels] - a_pos.detach()
+            t2i = torch.logaddexp(log_r, torch.full_like(log_r, math.log(self.eps))) + math.log(n_ref)
+            log_ratio = log_r - math.log(self.eps)
         has = ok[labels]
         surrogate = i2t + torch.where(has, torch.sigmoid(log_ratio) * (grad_log_m[labels] - a_pos),
                                       torch.zeros_like(a_pos))

@@ -33,7 +33,7 @@ from .config import ConfigError, MethodCfg
 from .data.images import ConcatImageSet, ImageSet
 from .data.scenarios import Scenario
 from .evaluate import evaluating, image_features
-from .losses import ClassDRO, GlobalContrastiveLoss, PromptContrastiveLoss, clip_loss
+from .losses import ClassDRO, GlobalContrastiveLoss, PromptContrastiveLoss, clip_loss, weighted_clip_loss
 from .memory import ReplayMemory
 from .sampling import STREAM_SELECT, concat_positions, seeded, uniform_positions
 
@@ -327,12 +327,86 @@ class Joint(Method):
         return ConcatImageSet([ctx.scenario[k].train for k in range(ctx.task + 1)]), None
 
 
+def _log_absent_drawn(total: int, counts: np.ndarray, draws: int) -> np.ndarray:
+    """log P(none of a class's `counts` items among `draws` drawn without replacement from `total` items), the
+    hypergeometric C(total - n, draws) / C(total, draws), per class; -inf when total - n < draws."""
+    out = np.zeros(len(counts))
+    for c, n in enumerate(int(x) for x in counts):
+        if n == 0:
+            continue
+        rest = total - n
+        out[c] = (math.lgamma(rest + 1) - math.lgamma(rest - draws + 1) - math.lgamma(total + 1)
+                  + math.lgamma(total - draws + 1)) if rest >= draws else -math.inf
+    return out
+
+
+def class_presence(sampling: str, batch_size: int, new_targets: np.ndarray, mem_targets: np.ndarray | None,
+                   n_classes: int) -> torch.Tensor:
+    """pi_c [n_classes] (float64), the probability that class c is in a step's batch as sampling.py draws it:
+
+        pi_c = 1 - prod over the batch's parts of P(c absent from the part), where
+        concat:  B new samples of an epoch permutation of D_t (N samples, n_c of class c): a draw of B without
+                 replacement, P = C(N - n_c, B) / C(N, B); and B memory samples (|M| samples, m_c of class c),
+                 without replacement when |M| >= B (the same hypergeometric), else with replacement,
+                 P = (1 - m_c / |M|)^B;
+        uniform: B samples of an epoch permutation of D_t U M, P = C(N + |M| - n_c - m_c, B) / C(N + |M|, B).
+    A step whose batch straddles two epochs (its samples from the end of one permutation and the start of the
+    next) is not one draw without replacement: for those steps (at most one per epoch when B <= N, none when B
+    divides the epoch) the hypergeometric is an approximation. B is the global batch (optim.batch_size, all ranks)."""
+    new = np.bincount(np.asarray(new_targets, dtype=np.int64), minlength=n_classes)[:n_classes]
+    mem = (np.bincount(np.asarray(mem_targets, dtype=np.int64), minlength=n_classes)[:n_classes]
+           if mem_targets is not None and len(mem_targets) else np.zeros(n_classes, dtype=np.int64))
+    N, M, B = int(new.sum()), int(mem.sum()), batch_size
+    if sampling == "uniform":
+        log_absent = _log_absent_drawn(N + M, new + mem, B)
+    else:
+        log_absent = _log_absent_drawn(N, new, B)
+        if M:
+            log_absent = log_absent + (_log_absent_drawn(M, mem, B) if M >= B else B * np.log1p(-mem / M))
+    return torch.as_tensor(-np.expm1(log_absent), dtype=torch.float64)
+
+
 class ER(Method):
     """Experience replay: L = CLIP(B_t U B_M), B_M drawn from the class-balanced memory (method.sampling:
     `concat` adds B memory samples to B new ones, `uniform` draws from D_t U M alike). After each task the
-    memory takes the task's images (memory.selection: random, or iCaRL herding on the model's features)."""
+    memory takes the task's images (memory.selection: random, or iCaRL herding on the model's features).
+
+    method.replay_share=classes weighs the memory samples by class balancing's share of old classes: with S_M =
+    n_old / n_seen and S_t = 1 - S_M (the new task's classes over the seen ones), the weighted CLIP loss
+        i2t = sum_{i in B_M} S_M / b_M CE_i + sum_{i in B_t} S_t / b_t CE_i
+        t2i = sum_{u in B_M} S_M / U_M t2i_u + sum_{u in B_t} S_t / U_t t2i_u
+    (b the part's samples, U its distinct classes, t2i_u the mean over class u's images of -log p(j | t_u) among
+    the batch images; losses.weighted_clip_loss). A batch with samples of one part only gets the plain loss."""
 
     name = "er"
+
+    def training_forward(self, model, images, labels, index, step):
+        if self.cfg.replay_share == "batch":
+            return super().training_forward(model, images, labels, index, step)
+        z, text, inv, _, scale = self.forward_batch(model, images, labels)
+        weights = self.replay_weights(index, inv)
+        if weights is None:
+            return {"contrastive_loss": clip_loss(z, text, inv, scale)}
+        return {"contrastive_loss": weighted_clip_loss(z, text, inv, scale, *weights)}
+
+    def replay_weights(self, index: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(w_i2t, w_t2i) of replay_share=classes: clip_loss's per-sample weights (1 / B and 1 / (U n_B(u_i))),
+        scaled within the memory part to total n_old / n_seen and within the new part to the rest; None for a
+        batch of one part."""
+        assert self.ctx is not None
+        mem = index >= self.ctx.new_size
+        if bool(mem.all()) or not bool(mem.any()):
+            return None
+        share_mem = self.ctx.n_old / self.ctx.n_seen
+        share = torch.where(mem, torch.tensor(share_mem, dtype=torch.float64, device=mem.device),
+                            torch.tensor(1.0 - share_mem, dtype=torch.float64, device=mem.device))
+        n_u = torch.bincount(inv).to(torch.float64)
+        out = []
+        for w in (torch.full((len(inv),), 1.0 / len(inv), dtype=torch.float64, device=inv.device),
+                  1.0 / (len(n_u) * n_u[inv])):
+            part_total = torch.where(mem, w[mem].sum(), w[~mem].sum())
+            out.append(w * share / part_total)
+        return out[0], out[1]
 
     def training_data(self, ctx):
         mem = ctx.memory.as_imageset() if len(ctx.memory) else None
@@ -370,7 +444,7 @@ class GCL(ER):
     def __init__(self, cfg: MethodCfg):
         super().__init__(cfg)
         self.gcl = GlobalContrastiveLoss(0, gamma=cfg.gamma)
-        self.pgcl = PromptContrastiveLoss(0, gamma=cfg.gamma)
+        self.pgcl = PromptContrastiveLoss(0, gamma=cfg.gamma, eps=cfg.t2i_eps)
 
     @property
     def leaves_parameters_unused(self) -> bool:
@@ -467,8 +541,21 @@ class GDRO(GCL):
     """GCL with class-level DRO weights: L = sum_i w_i L_i with w_i = p_{y_i} / (n_B(y_i) sum_{c in B} p_c),
     p the DRO weights of the seen classes (method.dro): forgotten (high-loss) classes get weight back. The class
     loss p reads (method.dro_signal): each sample's text -> image term in the prompts form, its whole loss in the
-    pairs form, or its excess over the class's value when last trained. Options: method.dro_adjust (class losses read as v_c + C / sqrt(n_c)), method.sample_mix a
-    (w <- (1 - a) w + a w_mean, w_mean the plain mean over samples with a negative)."""
+    pairs form, or its excess over the class's value when last trained. Options: method.dro_adjust (class losses
+    read as v_c + C / sqrt(n_c)), method.sample_mix a (w <- (1 - a) w + a w_mean, w_mean the plain mean over
+    samples with a negative), method.class_presence=corrected (w_i = p_{y_i} / (pi_{y_i} n_B(y_i)), pi the chance
+    that a class is in a batch: class_presence()).
+
+    Held-out signals (dro_signal=probe | oracle): every method.signal_every steps, a no-grad forward in eval mode on
+    held-out images gives each image's image -> text cross-entropy over every seen class prompt (the
+    classification loss, the quantity forgetting raises), whose class means are folded into v (rate beta):
+      probe   the last method.probe_per_class images of each old class's memory, held out of training
+              (training_data returns the memory without them; a class of one image keeps it and has no probe);
+      oracle  the validation split of every seen task: a DIAGNOSTIC, NOT A METHOD (a continual learner does not
+              keep held-out labelled data of old tasks); it measures the ceiling of class reweighting.
+    A class without held-out images (probe: the new task's classes) reads the same cross-entropy from its
+    training batches, every step. The telemetry rows then also hold v ("losses") and the moving average of the
+    training batches' cross-entropy of every class ("train_losses"): held-out beside memory losses."""
 
     name = "gdro"
 
@@ -477,11 +564,93 @@ class GDRO(GCL):
         self.dro = ClassDRO(0, cfg.dro, cfg.lam, cfg.beta, cfg.eta, cfg.alpha, cfg.max_weight, cfg.dro_adjust,
                             excess=cfg.dro_signal == "excess")
         self.signal = cfg.dro_signal if cfg.dro_signal != "auto" else ("t2i" if cfg.gcl_form == "prompts" else "loss")
-        self.telemetry: list[dict] = []  # {"task", "step", "weights": p over the seen classes}
+        self.held_out_signal = self.signal in ("probe", "oracle")
+        # the training batches' image -> text loss per class, beside the held-out one (telemetry only)
+        self.train_signal = ClassDRO(0, "none", beta=cfg.beta)
+        self.telemetry: list[dict] = []  # {"task", "step", "weights": p over the seen classes[, "losses", ...]}
+        self.presence: torch.Tensor | None = None  # pi_c of the task (class_presence=corrected), from its data
+        self.held_out: ImageSet | None = None  # the images of the held-out signal of the task
+        self.from_batch: torch.Tensor | None = None  # [n_seen] classes with no held-out image: v from batches
 
     def start_estimators(self, n_samples, n_classes):
         super().start_estimators(n_samples, n_classes)
         self.dro.reset(n_classes)
+        self.train_signal.reset(n_classes)
+
+    # ----------------------------------------------------------------- data
+    def split_memory(self, memory: ReplayMemory) -> tuple[ImageSet | None, ImageSet | None]:
+        """(memory trained on, probe images) of dro_signal=probe: the last min(probe_per_class, n_c - 1) images
+        of each class in memory order (herding: the least representative), so every class keeps one to train."""
+        if not len(memory):
+            return None, None
+        mem = memory.as_imageset()
+        probe = []
+        for c in np.unique(mem.targets):
+            pos = np.flatnonzero(mem.targets == c)
+            probe.extend(pos[len(pos) - min(self.cfg.probe_per_class, len(pos) - 1):].tolist())
+        held = np.zeros(len(mem), dtype=bool)
+        held[probe] = True
+        return mem.subset(np.flatnonzero(~held)), (mem.subset(np.flatnonzero(held)) if held.any() else None)
+
+    def training_data(self, ctx):
+        if self.signal != "probe":
+            return super().training_data(ctx)
+        return ctx.scenario[ctx.task].train, self.split_memory(ctx.memory)[0]
+
+    def attach(self, ctx):
+        super().attach(ctx)
+        if self.cfg.class_presence == "corrected":  # a function of the task's data: no state to checkpoint
+            new, mem = self.training_data(ctx)
+            self.presence = class_presence(self.cfg.sampling, ctx.batch_size, new.targets,
+                                           mem.targets if mem is not None else None, ctx.n_seen)
+        if self.held_out_signal:
+            if self.signal == "probe":
+                self.held_out = self.split_memory(ctx.memory)[1]
+            else:
+                val = ConcatImageSet([ctx.scenario[k].val for k in range(ctx.task + 1)])
+                self.held_out = val if len(val) else None
+            from_batch = torch.ones(ctx.n_seen, dtype=torch.bool)
+            if self.held_out is not None:
+                from_batch[torch.as_tensor(np.unique(self.held_out.targets))] = False
+            self.from_batch = from_batch
+
+    # ----------------------------------------------------------------- the held-out signal
+    @torch.no_grad()
+    def held_out_losses(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(labels, image -> text cross-entropy [n]) of the held-out images under the current model: eval mode
+        (BatchNorm on its running statistics; the mode restored after), no gradient, the run's autocast, the
+        images prepared as evaluation prepares them (no augmentation), the training template's class prompts and
+        the logit scale the loss uses. Several ranks: each computes it on the same images with the same weights,
+        and rank 0's values are broadcast (on CPUs BatchNorm statistics are per rank)."""
+        ctx = self.ctx
+        assert ctx is not None
+        if self.held_out is None:
+            return None
+        base = ctx.bundle.model
+        with evaluating(base):
+            z = image_features(ctx.bundle, self.held_out, ctx.eval_batch_size, ctx.device, ctx.autocast)
+            text = self.frozen_text(base, ctx.device)
+            if text is None:
+                tokens = ctx.tokens[: ctx.n_seen].to(ctx.device)
+                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
+                    text = torch.cat([base.encode_text(tokens[i:i + TEXT_CHUNK], normalize=True).float()
+                                      for i in range(0, len(tokens), TEXT_CHUNK)])
+            text = text[: ctx.n_seen]
+            scale = 1.0 / self.cfg.tau if self.cfg.tau else base.logit_scale.exp().float().clamp(max=100.0)
+        labels = torch.as_tensor(self.held_out.targets, device=z.device)
+        a = scale * z @ text.t()
+        ce = torch.logsumexp(a, dim=1) - a.gather(1, labels.view(-1, 1)).squeeze(1)
+        if distributed.active():
+            torch.distributed.broadcast(ce, 0)
+        return labels, ce
+
+    def training_forward(self, model, images, labels, index, step):
+        if self.held_out_signal and step % self.cfg.signal_every == 0:
+            held = self.held_out_losses()
+            if held is not None:
+                self.dro.to(held[1].device)
+                self.dro.update(*held)
+        return super().training_forward(model, images, labels, index, step)
 
     def before_task(self, ctx):
         super().before_task(ctx)
@@ -500,22 +669,39 @@ class GDRO(GCL):
             frac = 0.5 * (1 + math.cos(math.pi * batch.step / max(self.ctx.steps, 1)))
             self.dro.lam = self.cfg.lam + (self.cfg.lam_start - self.cfg.lam) * frac
         ok = out["has_negative"]
-        signal = out["t2i"] if self.signal == "t2i" else out["loss"]
-        self.dro.update(batch.labels[ok], signal[ok])
+        if self.held_out_signal:  # the classes without held-out images read their training batches' i2t
+            assert self.from_batch is not None, "attach() a TaskContext first"
+            self.train_signal.to(batch.z.device)
+            self.train_signal.update(batch.labels[ok], out["i2t"][ok])
+            keep = ok & self.from_batch.to(batch.z.device)[batch.labels]
+            self.dro.update(batch.labels[keep], out["i2t"][keep])
+        else:
+            signal = out["t2i"] if self.signal == "t2i" else out["loss"]
+            self.dro.update(batch.labels[ok], signal[ok])
         p = self.dro.class_weights()
         if batch.step % self.cfg.telemetry_every == 0:
-            self.telemetry.append({"task": self.task, "step": batch.step,
-                                   "weights": [round(float(x), 6) for x in p.cpu()]})
+            row = {"task": self.task, "step": batch.step, "weights": [round(float(x), 6) for x in p.cpu()]}
+            if self.held_out_signal:
+                row["losses"] = _class_values(self.dro)
+                row["train_losses"] = _class_values(self.train_signal)
+            self.telemetry.append(row)
+        presence = None
+        if self.cfg.class_presence == "corrected":
+            assert self.presence is not None, "attach() a TaskContext first"
+            presence = self.presence
         w = torch.zeros(len(batch.labels), dtype=torch.float64, device=batch.z.device)
-        w[ok] = self.dro.sample_weights(batch.labels[ok], p)
+        w[ok] = self.dro.sample_weights(batch.labels[ok], p, presence)
         if self.cfg.sample_mix:  # a share of the plain sample mean: the new task keeps its weight
             plain = ok.to(torch.float64) / ok.sum().clamp_min(1)
             w = (1 - self.cfg.sample_mix) * w + self.cfg.sample_mix * plain
         return w
 
     def state_dict(self):
-        return {**super().state_dict(), "dro": {k: v.cpu() for k, v in self.dro.state_dict().items()},
-                "telemetry": list(self.telemetry)}
+        state = {**super().state_dict(), "dro": {k: v.cpu() for k, v in self.dro.state_dict().items()},
+                 "telemetry": list(self.telemetry)}
+        if self.held_out_signal:
+            state["train_signal"] = {k: v.cpu() for k, v in self.train_signal.state_dict().items()}
+        return state
 
     def check_state(self, state, model_state, ctx):
         super().check_state(state, model_state, ctx)
@@ -523,21 +709,45 @@ class GDRO(GCL):
         if classes != len(state["pgcl"]["log_u"]):
             raise StateError("method.dro.v", f"must hold one weight per class of the estimators ("
                              f"{len(state['pgcl']['log_u'])})", state["dro"]["v"])
+        if self.held_out_signal and check_buffers("method.train_signal", state["train_signal"],
+                                                  self.train_signal) != classes:
+            raise StateError("method.train_signal.v", f"must hold one value per class of the estimators ({classes})",
+                             state["train_signal"]["v"])
+        keys = ["task", "step", "weights"] + (["losses", "train_losses"] if self.held_out_signal else [])
         for i, entry in enumerate(need_list("method.telemetry", state["telemetry"])):
-            need_dict(f"method.telemetry[{i}]", entry, ["task", "step", "weights"])
+            need_dict(f"method.telemetry[{i}]", entry, keys)
             need_int(f"method.telemetry[{i}].task", entry["task"])
             need_int(f"method.telemetry[{i}].step", entry["step"])
             for j, w in enumerate(need_list(f"method.telemetry[{i}].weights", entry["weights"])):
                 need_number(f"method.telemetry[{i}].weights[{j}]", w)
+            for key in keys[3:]:
+                values = need_list(f"method.telemetry[{i}].{key}", entry[key], len(entry["weights"]),
+                                   "one per class weight")
+                for j, v in enumerate(values):
+                    need_number(f"method.telemetry[{i}].{key}[{j}]", v, none=True)
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.dro.reset(len(state["dro"]["v"]))
         self.dro.load_state_dict(state["dro"])
+        if self.held_out_signal:
+            self.train_signal.reset(len(state["train_signal"]["v"]))
+            self.train_signal.load_state_dict(state["train_signal"])
         self.telemetry = list(state["telemetry"])
 
     def results(self):
-        return {"class_weights": self.telemetry}
+        out: dict = {"class_weights": self.telemetry}
+        if self.signal == "oracle":
+            out["diagnostic"] = ("method.dro_signal=oracle: a diagnostic, not a method. The DRO class losses were "
+                                 "read from the validation split of every seen task, held-out labelled data of old "
+                                 "tasks that a continual learner does not keep: this run measures the ceiling of "
+                                 "class reweighting.")
+        return out
+
+
+def _class_values(dro: ClassDRO) -> list[float | None]:
+    """v of every class of the stage, rounded for results.json; None for a class not visited yet."""
+    return [round(float(x), 6) if seen else None for x, seen in zip(dro.v.cpu(), dro.visited.cpu())]
 
 
 class Teacher(Method):
