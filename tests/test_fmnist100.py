@@ -139,3 +139,32 @@ def test_replay_rate_matches_cifar100_b0_inc10_and_the_sampler():
     assert draws.sum() / 200 / n_mem == pytest.approx(ours[-1])
     uniform = replay_rates(load_config("fmnist100-cil", ["memory.per_class=5", "method.sampling=uniform"]))
     assert uniform[-1] == pytest.approx(64 / (500 + 450))
+
+
+@pytest.mark.slow
+def test_pretraining_on_sixty_combinations_composes_the_forty_it_never_saw(fmnist, stream, tmp_path):
+    """The recipe's pretraining, shortened: both towers learn the words, and the unseen combinations' zero-shot
+    accuracy (among all 100 classes) is far above chance: the text tower composes "colour garment"."""
+    from clipcl.engine import Trainer
+    from clipcl.evaluate import candidate_text, image_features
+    from clipcl.pretrain import RECIPES
+
+    torch.manual_seed(0)
+    cfg = load_config("fmnist-cil", [*RECIPES["fmnist100"][1], "model.pretrained=", "device=cpu",
+                                     "scenario.download=false", "scenario.train_per_class=100", "optim.epochs=3"])
+    trainer = Trainer(cfg, tmp_path / "run", progress_bar=False, quiet=True, signals=False)
+    text_before = {k: v.clone() for k, v in trainer.bundle.model.state_dict().items()
+                   if k.startswith(("transformer.", "token_embedding", "text_projection"))}
+    trainer.run()
+    bundle = trainer.bundle
+    bundle.model.eval()
+    after = bundle.model.state_dict()
+    assert all(not torch.equal(after[k], v) for k, v in text_before.items())  # the text tower trained
+    unseen = np.flatnonzero(np.isin(stream.test.targets, C.UNSEEN_COMBINATIONS))
+    test = stream.test.subset(unseen[::4])  # 1,000 images of the 40 combinations pretraining never saw
+    cpu = torch.device("cpu")
+    text = candidate_text(bundle, stream.classnames, "default", cpu)
+    pred = (image_features(bundle, test, 500, cpu) @ text.t()).argmax(1).numpy()
+    accuracy = float((pred == test.targets).mean())
+    assert accuracy > 0.10, accuracy  # chance among 100 classes is 1%
+    assert float((pred % 10 == test.targets % 10).mean()) > 0.5  # the colour word is read on unseen pairs

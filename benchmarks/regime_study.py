@@ -1,0 +1,210 @@
+"""The study in the paper's regime (fmnist100-cil: 100 classes, 10 tasks of 10, a tiny CLIP that knows its
+class names, a memory replayed about as rarely as CIFAR-100 B0-Inc10's): does class reweighting help, and
+which method should a user pick at 1, 2 and 5 images per class?
+
+    .venv/bin/python benchmarks/regime_study.py                 # every cell, seeds 0-4, two runs at a time
+    .venv/bin/python benchmarks/regime_study.py --only core     # er, balancing, gdro, the oracle, finetune
+    .venv/bin/python benchmarks/regime_study.py --report-only   # the tables of the runs finished so far
+    .venv/bin/python benchmarks/regime_study.py --select        # gdro's options on the validation split
+
+The pretrained weights are made once by `clipcl pretrain clipcl:fmnist100 --out benchmarks/out/fmnist100-tiny-rn.pt`
+(their sha256 is in the table) and every run starts from that file. One CPU thread per run; the same seeds
+for every method, so differences are paired (mean and 95% t-interval over seeds). Metrics on the test split;
+`--select` runs on the validation split (eval.split=val: 10 training images per class held out) and is
+what gdro's defaults were chosen on. `gdro (oracle)` reads validation-split class losses of old tasks: a
+diagnostic of the ceiling of class reweighting, not a method. Writes benchmarks/results/regime_<name>.md
+and .json; finished runs under benchmarks/out/regime/ are reused.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from competitors import paired  # noqa: E402
+
+BENCHMARK = "fmnist100-cil"
+WEIGHTS = HERE / "out" / "fmnist100-tiny-rn.pt"
+# held-out signals read every 4 steps (a task has 16) and move v halfway each time: they follow the forgetting
+HELD_OUT = ["method.signal_every=4", "method.beta=0.5"]
+NO_MEMORY = {"finetune", "lwf", "wiseft", "zscl"}
+GROUPS = {  # label -> overrides, by priority
+    "core": {
+        "finetune": ["method.name=finetune"],
+        "er": ["method.name=er"],
+        "balanced (gdro dro=none)": ["method.name=gdro", "method.dro=none"],
+        "gdro": ["method.name=gdro"],
+        "gdro (oracle, lam 1)": ["method.name=gdro", "method.dro_signal=oracle", "method.lam=1", *HELD_OUT],
+    },
+    "more": {
+        "gdro (oracle)": ["method.name=gdro", "method.dro_signal=oracle", *HELD_OUT],
+        "er (replay_share=classes)": ["method.name=er", "method.replay_share=classes"],
+        "er (herding)": ["method.name=er", "memory.selection=herding"],
+        "gcl": ["method.name=gcl"],
+        "gdro (probe)": ["method.name=gdro", "method.dro_signal=probe", *HELD_OUT],
+        "balanced (uniform)": ["method.name=gdro", "method.dro=none", "method.sampling=uniform"],
+    },
+    "competitors": {
+        "der++": ["method.name=derpp"],
+        "er-ace": ["method.name=er_ace"],
+        "lwf": ["method.name=lwf"],
+        "wise-ft": ["method.name=wiseft"],
+        "zscl": ["method.name=zscl"],
+    },
+}
+SELECT = {  # gdro's options one at a time from the shipped values, on the validation split, m = 2
+    "gdro": [],
+    "lam 1": ["method.lam=1"], "lam 16": ["method.lam=16"],
+    "t2i_eps 1e-14": ["method.t2i_eps=1e-14"],
+    "class_presence corrected": ["method.class_presence=corrected"],
+    "sampling uniform": ["method.sampling=uniform"],
+    "probe signal": ["method.dro_signal=probe", *HELD_OUT],
+    "dro none": ["method.dro=none"],
+}
+METRICS = (("avg inc.", "avg_incremental_accuracy"), ("last", "last_accuracy"), ("forgetting", "forgetting"),
+           ("mean diag R[t,t]", "mean_diagonal"), ("zero-shot unseen", "future_accuracy"))
+COMPARE = (("gdro (oracle, lam 1)", "balanced (gdro dro=none)"), ("gdro (oracle)", "balanced (gdro dro=none)"), ("gdro", "er"), ("gdro", "balanced (gdro dro=none)"),
+           ("balanced (gdro dro=none)", "er"), ("er (replay_share=classes)", "er"),
+           ("balanced (gdro dro=none)", "er (replay_share=classes)"), ("gdro (probe)", "balanced (gdro dro=none)"),
+           ("gcl", "er"), ("er (herding)", "er"), ("balanced (uniform)", "balanced (gdro dro=none)"))
+
+
+def value(r: dict, key: str) -> float:
+    if key == "mean_diagonal":
+        R = r["accuracy_matrix"]
+        return statistics.mean(R[t][t] for t in range(len(R)))
+    v = r["metrics"].get(key)
+    return float("nan") if v is None else v
+
+
+def run_one(overrides: list[str], out: Path) -> dict:
+    done = out / "results.json"
+    if done.is_file() and json.loads(done.read_text()).get("complete"):
+        return json.loads(done.read_text())
+    cmd = [sys.executable, "-m", "clipcl.cli", "run", BENCHMARK, f"model.pretrained={WEIGHTS}", *overrides,
+           "--out", str(out), "--overwrite", "--quiet"]
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+    return json.loads(done.read_text())
+
+
+def slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in label).strip("_")
+
+
+def fmt(xs: list[float]) -> str:
+    xs = [100 * x for x in xs]
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.1f}"
+
+
+def table(title: str, command: str, variants: dict, mems: list[int], seeds: list[int], results: dict,
+          compare=COMPARE) -> str:
+    sha = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()[:16] if WEIGHTS.is_file() else "?"
+    lines = [f"# {title}", "", f"Command: `{command}`", "",
+             f"Benchmark {BENCHMARK} from `{WEIGHTS.name}` (sha256 {sha}...), seeds {seeds}, one CPU thread per "
+             "run. Mean ± standard deviation over seeds, in %; paired differences in points, mean [95% "
+             "t-interval]. `zero-shot unseen`: accuracy on the tasks not trained yet (future_accuracy). "
+             "finetune, lwf, wise-ft and zscl keep no memory: the same runs in every m.", ""]
+    for mem in mems:
+        cells = {}
+        for label in variants:
+            m = 0 if label in NO_MEMORY else mem
+            rs = [results.get((label, m, s)) for s in seeds]
+            if all(r is not None for r in rs):
+                cells[label] = rs
+        if not cells:
+            continue
+        lines += [f"## m = {mem} images per class", "", "| method | " + " | ".join(n for n, _ in METRICS) + " |",
+                  "|---|" + "---|" * len(METRICS)]
+        for label, rs in cells.items():
+            lines.append(f"| {label} | " + " | ".join(fmt([value(r, k) for r in rs]) for _, k in METRICS) + " |")
+        pairs = [(a, b) for a, b in compare if a in cells and b in cells]
+        if pairs:
+            lines += ["", "| paired difference | " + " | ".join(n for n, _ in METRICS) + " |",
+                      "|---|" + "---|" * len(METRICS)]
+            for a, b in pairs:
+                lines.append(f"| {a} − {b} | " + " | ".join(
+                    paired([value(r, k) for r in cells[a]], [value(r, k) for r in cells[b]]) for _, k in METRICS)
+                    + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="core,more,competitors", help="groups to run: core, more, competitors")
+    ap.add_argument("--memories", default="2,5,1")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--select", action="store_true", help="gdro's options on the validation split")
+    ap.add_argument("--out", default=str(HERE / "out" / "regime"))
+    args = ap.parse_args()
+    mems = [int(m) for m in args.memories.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not WEIGHTS.is_file() and not args.report_only:
+        subprocess.run([sys.executable, "-m", "clipcl.cli", "pretrain", "clipcl:fmnist100", "--out", str(WEIGHTS)],
+                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if args.select:
+        variants = SELECT
+        jobs = [(label, 2, s) for s in seeds for label in variants]
+        name, extra = "select", ["eval.split=val", "method.name=gdro", "memory.per_class=2"]
+    else:
+        variants = {k: v for g in args.only.split(",") for k, v in GROUPS[g].items()}
+        jobs = []
+        for mem in mems:  # the most telling cells first: every seed of a cell before the next cell
+            for label in variants:
+                if label == "gdro (probe)" and mem < 2:
+                    continue  # a probe needs a memory image to spare
+                m = 0 if label in NO_MEMORY else mem
+                jobs += [(label, m, s) for s in seeds if (label, m, s) not in jobs]
+        name, extra = "cil", []
+    root = Path(args.out) / name
+
+    def folder(job) -> Path:
+        label, m, s = job
+        return root / f"{slug(label)}_m{m}_s{s}"
+
+    def one(job):
+        label, m, s = job
+        mem = [f"memory.per_class={m}"] if m else ["memory.per_class=1"]
+        try:
+            return job, run_one([*extra, *variants[label], *mem, f"seed={s}"], folder(job))
+        except subprocess.CalledProcessError as e:
+            print(f"failed: {job} ({e})", file=sys.stderr)
+            return job, None
+
+    results = {}
+    if args.report_only:
+        for job in jobs:
+            done = folder(job) / "results.json"
+            if done.is_file() and json.loads(done.read_text()).get("complete"):
+                results[job] = json.loads(done.read_text())
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for job, r in pool.map(one, jobs):
+                if r is not None:
+                    results[job] = r
+    cmd = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/regime_study.py" + (" --select" if args.select else "")
+    if args.select:
+        text = table("gdro's options on the validation split (fmnist100-cil, m = 2)", cmd, variants, [2], seeds,
+                     results, compare=[(k, "gdro") for k in SELECT if k != "gdro"])
+    else:
+        text = table("The paper's regime: fmnist100-cil", cmd, variants, mems, seeds, results)
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / f"regime_{name}.md").write_text(text + "\n")
+    raw = {f"{label}|m={m}|seed={s}": {**r["metrics"], "mean_diagonal": value(r, "mean_diagonal")}
+           for (label, m, s), r in results.items()}
+    (HERE / "results" / f"regime_{name}.json").write_text(json.dumps(raw, indent=1) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
