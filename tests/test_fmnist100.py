@@ -70,6 +70,15 @@ def test_stream_sizes_are_exact_and_colours_balanced_within_each_garment(fmnist,
     assert (np.bincount(stream.test.targets, minlength=100) == 100).all()
 
 
+def test_what_validation_knows_of_the_datasets_matches_them(fmnist, stream):
+    from clipcl import config
+
+    for name in ("fmnist100", "fmnist100_dil", "fmnist100_pretrain"):
+        ds = stream if name == "fmnist100" else load_dataset(ScenarioCfg(dataset=name, download=False))
+        images = ds.train if ds.train is not None else next(iter(ds.domains.values()))[0]
+        assert config.DATASET_FACTS[name] == (tuple(images.load([0]).shape[1:]), len(ds.classnames))
+
+
 def test_pretraining_and_stream_images_are_disjoint(fmnist, stream):
     pre = load_dataset(ScenarioCfg(dataset="fmnist100_pretrain", download=False))
     assert pre.classnames == [C.CLASSNAMES[c] for c in C.PRETRAIN_COMBINATIONS]

@@ -360,6 +360,7 @@ DATASET_FACTS: dict[str, tuple[tuple[int, int, int] | None, int | None]] = {
     "fashion_mnist": ((1, 28, 28), 10), "fmnist_dil": ((1, 28, 28), 10), "fmnist_pretrain": ((1, 28, 28), 10),
     "fmnist_stream": ((1, 28, 28), 10), "fmnist_dil_stream": ((1, 28, 28), 10), "cifar100": ((3, 32, 32), 100),
     "imagenet": (None, None), "imagenet100": (None, 100), "domainnet": (None, None), "imagefolder": (None, None),
+    "fmnist100": ((3, 28, 28), 100), "fmnist100_dil": ((3, 28, 28), 100), "fmnist100_pretrain": ((3, 28, 28), 60),
 }
 
 
