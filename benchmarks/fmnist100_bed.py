@@ -63,7 +63,7 @@ def replay() -> list[str]:
 
 
 def losses(root: Path) -> list[str]:
-    runs = sorted(root.glob("gdro_oracle_lam_1_m*_s*/results.json"))
+    runs = sorted(root.glob("gdro__oracle__lam_1_m*_s*/results.json"))
     if not runs:
         return ["(no finished `gdro (oracle, lam 1)` run under " + str(root) + ")"]
     rows: dict[int, list] = {}

@@ -141,6 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="core,more,competitors", help="groups to run: core, more, competitors")
     ap.add_argument("--memories", default="2,5,1")
+    ap.add_argument("--labels", default="", help="only these methods of the groups (labels, separated by ';')")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--report-only", action="store_true")
@@ -158,6 +159,8 @@ def main() -> None:
         name, extra = "select", ["eval.split=val", "method.name=gdro", "memory.per_class=2"]
     else:
         variants = {k: v for g in args.only.split(",") for k, v in GROUPS[g].items()}
+        if args.labels:
+            variants = {k: v for k, v in variants.items() if k in args.labels.split(";")}
         jobs = []
         for mem in mems:  # the most telling cells first: every seed of a cell before the next cell
             for label in variants:

@@ -44,18 +44,6 @@ TINY_RECIPE = ("a tiny test recipe on the washed pretraining block",
 PRE_RUN = ["fmnist-pre-cil", "model.pretrained=clipcl:test-tiny", *TINY]
 
 
-@pytest.fixture(autouse=True)
-def hang_up_as_in_a_terminal():
-    """These tests stand for a run in a terminal: where the suite itself runs under nohup (SIGHUP ignored, and
-    inherited so by every child), SIGHUP is given its default action for the test, and ignored again after."""
-    before = signal.getsignal(signal.SIGHUP)
-    if before == signal.SIG_IGN:
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    yield
-    if before == signal.SIG_IGN:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-
 @pytest.fixture
 def tiny_recipe(tmp_path, monkeypatch):
     monkeypatch.setenv("CLIPCL_CACHE", str(tmp_path / "cache"))
