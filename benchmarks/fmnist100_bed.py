@@ -77,8 +77,9 @@ def losses(root: Path) -> list[str]:
             if t == 0 or "losses" not in e:
                 continue
             old = 10 * t  # the old classes: labels below the task's first (10 a task)
-            held, trained, w = np.array(e["losses"]), np.array(e["train_losses"]), np.array(e["weights"])
-            rows.setdefault(m, []).append((trained[:old].mean(), held[:old].mean(), held[old:].mean(),
+            held, trained, w = (np.array([np.nan if x is None else x for x in e[k]], dtype=float)
+                                for k in ("losses", "train_losses", "weights"))
+            rows.setdefault(m, []).append((np.nanmean(trained[:old]), held[:old].mean(), held[old:].mean(),
                                            w[:old].max() / w[:old].min(), w[:old].sum()))
     lines = ["| m | old classes' loss on images trained on (memory) | on held-out images | new classes' held-out "
              "loss | oracle weight max/min (old) | oracle weight on old classes |", "|---|---|---|---|---|---|"]
