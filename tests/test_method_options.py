@@ -119,7 +119,7 @@ def test_t2i_eps_surrogate_has_the_gradient_of_the_exact_loss(eps):
 def test_t2i_eps_config():
     assert MethodCfg().t2i_eps == 0.0
     assert "method.t2i_eps" in config_error("method.t2i_eps=-1")
-    assert "pairs form" in config_error("method.t2i_eps=1e-14", "method.gcl_form=pairs")
+    assert "pairs form" in config_error("method.name=gdro", "method.t2i_eps=1e-14", "method.gcl_form=pairs")
     tr_cfg = apply_overrides(RunCfg(), ["method.name=gcl", "method.t2i_eps=1e-14"])
     from clipcl.methods import GCL
     assert GCL(tr_cfg.method).pgcl.eps == 1e-14
@@ -312,9 +312,9 @@ def test_probe_and_oracle_config_errors():
     msg = config_error("method.name=gdro", "method.dro_signal=probe", "memory.per_class=2",
                        "method.probe_per_class=2")
     assert "'memory.per_class' = 2" in msg and "at least 3" in msg
-    assert "memory.total" in config_error("method.dro_signal=probe", "memory.total=20")
-    assert "val_per_class" in config_error("method.dro_signal=oracle")
-    assert "gcl_form=prompts" in config_error("method.dro_signal=probe", "method.gcl_form=pairs")
+    assert "memory.total" in config_error("method.name=gdro", "method.dro_signal=probe", "memory.total=20")
+    assert "val_per_class" in config_error("method.name=gdro", "method.dro_signal=oracle")
+    assert "gcl_form=prompts" in config_error("method.name=gdro", "method.dro_signal=probe", "method.gcl_form=pairs")
     assert "method.probe_per_class" in config_error("method.probe_per_class=0")
     assert "method.signal_every" in config_error("method.signal_every=0")
     assert "probe, oracle" in config_error("method.dro_signal=heldout")
@@ -406,3 +406,19 @@ def test_replay_share_config():
     assert MethodCfg().replay_share == "batch"
     assert "batch, classes" in config_error("method.replay_share=old")
     assert "domain-incremental" in config_error("method.replay_share=classes", "scenario.kind=dil")
+
+
+@pytest.mark.parametrize("option, method", [("method.t2i_eps=1e-14", "er"), ("method.class_presence=corrected", "gcl"),
+                                            ("method.dro_signal=oracle", "er"), ("method.dro_signal=probe", "derpp"),
+                                            ("method.replay_share=classes", "gdro")])
+def test_an_option_of_another_method_is_refused_not_ignored(option, method):
+    msg = config_error(f"method.name={method}", option, "scenario.val_per_class=2", "memory.per_class=3")
+    assert f"'{option.split('=')[0]}'" in msg and f"method.name={method}" in msg
+
+
+def test_corrected_presence_is_refused_where_it_is_not_exact():
+    msg = config_error("method.name=gdro", "method.class_presence=corrected", "scenario.kind=dil",
+                       "scenario.dataset=fmnist_dil")
+    assert "sampling=uniform" in msg
+    apply_overrides(RunCfg(), ["method.name=gdro", "method.class_presence=corrected", "scenario.kind=dil",
+                               "scenario.dataset=fmnist_dil", "method.sampling=uniform"])  # exact there: accepted

@@ -535,6 +535,19 @@ def validate(cfg: RunCfg) -> None:
            "must be 1 or more (memory images held out per old class)")
     _check(me.signal_every >= 1, "method.signal_every", me.signal_every, "must be at least 1 (steps)")
     held_out = me.dro_signal in ("probe", "oracle")
+    # options of one method only: set on another they would be ignored in silence
+    _check(not me.t2i_eps or me.name in ("gcl", "gdro"), "method.t2i_eps", me.t2i_eps,
+           f"sets gcl's and gdro's text -> image term; method.name={me.name} has none. Set it to 0")
+    _check(me.class_presence == "batch" or me.name == "gdro", "method.class_presence", me.class_presence,
+           f"corrects gdro's class weights; method.name={me.name} has none. Use class_presence=batch")
+    _check(not held_out or me.name == "gdro", "method.dro_signal", me.dro_signal,
+           f"is a signal of gdro's class weights; method.name={me.name} has none. Use dro_signal=auto")
+    _check(me.replay_share == "batch" or me.name == "er", "method.replay_share", me.replay_share,
+           f"weighs er's memory loss; method.name={me.name} weighs its own. Use replay_share=batch")
+    _check(me.class_presence == "batch" or s.kind == "cil" or me.sampling == "uniform", "method.class_presence",
+           me.class_presence, "corrected is exact when every class is all new data or all memory (class-incremental) "
+           "or with method.sampling=uniform; in a domain-incremental stream drawn with sampling=concat a class is in "
+           "both parts. Use sampling=uniform or class_presence=batch")
     _check(not held_out or me.gcl_form == "prompts", "method.dro_signal", me.dro_signal,
            f"{me.dro_signal} reads the image -> text loss over every seen class prompt, which needs "
            "method.gcl_form=prompts (the pairs form has none)")
