@@ -291,3 +291,14 @@ def test_domainnet_classes_missing_from_a_list_are_warned(tmp_path):
             (tmp_path / f"{d}_{split}.txt").write_text("\n".join(ls) + "\n")
     ds = load_dataset(ScenarioCfg(dataset="domainnet", root=str(tmp_path), kind="dil"))
     assert "domain sketch: 1 class without training images: bee" in ds.notes["warnings"]
+
+
+def test_a_domain_incremental_folder_without_split_folders_is_refused_not_read_as_classes(tmp_path):
+    for d in ("photo", "sketch"):  # ROOT/<domain>/<class>/*: the flat CIL layout would take the domains as classes
+        for y, c in enumerate(("axe", "bee")):
+            for i in range(3):
+                flat_image(tmp_path / d / c / f"{i}.png", (70 * y, 0, 20 * i))
+    with pytest.raises(ConfigError) as e:
+        load_dataset(ScenarioCfg(dataset="imagefolder", root=str(tmp_path), kind="dil"))
+    assert str(tmp_path) in str(e.value) and "<domain>/train/<class>" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo", "sketch"]  # nothing written

@@ -628,6 +628,10 @@ def load_imagefolder(cfg: ScenarioCfg) -> Dataset:
     else:
         parts = {d: split_dirs(root / d) for d in _class_dirs(root)}
         parts = {d: s for d, s in parts.items() if s is not None}
+        if not parts and cfg.kind == "dil":  # a flat layout has no domains: its top folders would read as classes
+            raise ConfigError(f"scenario.root '{root}' has no <domain>/train/ and <domain>/test/ folders, which a "
+                              "domain-incremental run (scenario.kind=dil) reads: arrange it as "
+                              "ROOT/<domain>/train/<class>/* and ROOT/<domain>/test/<class>/*.")
         if not parts:  # no split folders anywhere: class folders of images, a tenth held out as test
             return _flat_imagefolder(cfg, root)
     folders = sorted({c for tr, te in parts.values() for c in _class_dirs(tr) + _class_dirs(te)})
