@@ -217,6 +217,13 @@ def test_an_existing_out_is_refused_unless_clipcl_pretrain_wrote_it_and_overwrit
     assert code == 2 and "records other weights" in error_line(err)
     code, err = cli(["pretrain", str(root), "--out", str(tmp_path / "w.json"), *FAST])
     assert code == 2 and "ends in .json" in error_line(err)
+    # weights.bin would share weights.pt's record weights.json: refused, even with --overwrite
+    out.write_bytes(made.read_bytes())
+    before = (tmp_path / "weights.json").read_bytes()
+    code, err = cli(["pretrain", str(root), "--out", str(tmp_path / "weights.bin"), "--overwrite", *FAST])
+    line = error_line(err)
+    assert code == 2 and "is the record of" in line and str(out) in line
+    assert (tmp_path / "weights.json").read_bytes() == before and not (tmp_path / "weights.bin").exists()
 
 
 @pytest.mark.parametrize("case", ["missing", "a file", "empty", "empty class folders", "one class", "train only",

@@ -318,7 +318,8 @@ def record_path(out: Path) -> Path:
 def check_weights_output(out: Path | str, overwrite: bool) -> tuple[Path, Path]:
     """(weights file, its record) that `clipcl pretrain --out` may write, or a ConfigError naming the file.
 
-    Refused: a folder, a link, a missing folder; a record that clipcl pretrain did not write; a weights file its
+    Refused: a folder, a link, a missing folder; a record that clipcl pretrain did not write, or wrote for other
+    weights that are still there (w.pt and w.bin share w.json); a weights file its
     record does not describe (sha256), since a state dict carries no mark of who wrote it; and, without
     `overwrite`, weights or a record that clipcl pretrain did write.
     """
@@ -338,6 +339,11 @@ def check_weights_output(out: Path | str, overwrite: bool) -> tuple[Path, Path]:
                 "a file clipcl pretrain did not write")
         raise ConfigError(f"'{side}', where clipcl pretrain writes the record of --out '{out}', is {what}; clipcl never "
                           "replaces a file of yours. Choose another --out, or move that one away first.")
+    other = record.get("weights") if record else None
+    if isinstance(other, str) and other != out.name and (side.parent / other).exists():
+        raise ConfigError(f"'{side}', where clipcl pretrain writes the record of --out '{out}', is the record of "
+                          f"'{side.parent / other}'; writing it would orphan those weights. Choose an --out with "
+                          "another stem, or move those weights and their record away first.")
     if out.is_file() and not out.is_symlink():
         if record is None or record.get("sha256") != _sha256(out):
             why = f"'{side}' records other weights" if record else f"no record '{side}' of it"
