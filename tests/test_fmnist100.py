@@ -10,7 +10,7 @@ from clipcl.config import ScenarioCfg, load_config
 from clipcl.data import build_scenario
 from clipcl.data import compositional as C
 from clipcl.data.datasets import PRETRAIN_START, fashion_mnist_arrays, load_dataset
-from clipcl.sampling import concat_positions, replay_rates
+from clipcl.sampling import concat_positions, replay_rates, uniform_positions
 
 
 @pytest.fixture(scope="module")
@@ -131,23 +131,35 @@ def test_dil_domains_have_their_own_class_frequencies(fmnist):
     assert np.abs(corr[np.triu_indices(5, 1)]).max() < 0.5  # a class frequent in one domain is not in all
 
 
-def test_replay_rate_matches_cifar100_b0_inc10_and_the_sampler():
-    ours = replay_rates(load_config("fmnist100-cil", ["memory.per_class=5"]))
+def test_replay_rate_matches_cifar100_b0_inc10_and_the_sampler(fmnist):
+    cfg = load_config("fmnist100-cil", ["memory.per_class=5", "scenario.download=false"])
+    ours = replay_rates(cfg)
     cifar = replay_rates(load_config("cifar100-b0-inc10", ["memory.per_class=5"]))
     assert ours[0] == 0 == cifar[0]
     assert ours[-1] == pytest.approx(64 / 450)  # each memory image drawn 0.14 times a step in the last task
     for a, b in zip(ours[1:], cifar[1:]):
         assert 0.5 <= a / b <= 2  # within 2x of CIFAR-100 B0-Inc10 with the same batch, task by task
     assert max(ours[4:]) <= 1.0  # at most about once a step from task 5 on
-    # the sampler draws exactly that: count the memory draws of 200 steps of the last task
-    n_new, n_mem = 500, 450
+    # the rates come from the config alone: they must be the real stream's, task by task
+    sc = build_scenario(cfg.scenario, cfg.seed)
+    old = np.cumsum([0] + [len(task.classes) for task in sc.tasks])[:-1]
+    sizes = [(len(task.train), 5 * int(o)) for task, o in zip(sc.tasks, old)]
+    assert ours == pytest.approx([64 / n_mem if n_mem else 0.0 for _, n_mem in sizes])
+    # and the sampler draws exactly that: count the memory draws of 200 steps of the last task
+    n_new, n_mem = sizes[-1]
     draws = np.zeros(n_mem)
     for step in range(200):
-        pos = concat_positions(0, 9, step, 64, n_new, n_mem)
+        pos = concat_positions(0, 9, step, cfg.optim.batch_size, n_new, n_mem)
         np.add.at(draws, pos[pos >= n_new] - n_new, 1)
     assert draws.sum() / 200 / n_mem == pytest.approx(ours[-1])
+    assert draws.max() <= 200  # without replacement: at most once a step
     uniform = replay_rates(load_config("fmnist100-cil", ["memory.per_class=5", "method.sampling=uniform"]))
-    assert uniform[-1] == pytest.approx(64 / (500 + 450))
+    assert uniform[-1] == pytest.approx(64 / (n_new + n_mem))
+    counts = np.zeros(n_new + n_mem)
+    steps = (n_new + n_mem) // 64 * 4  # four epochs of D_t U M
+    for step in range(steps):
+        np.add.at(counts, uniform_positions(0, 9, step, 64, n_new, n_mem), 1)
+    assert counts[n_new:].sum() / steps / n_mem == pytest.approx(uniform[-1], rel=0.02)
 
 
 @pytest.mark.slow
