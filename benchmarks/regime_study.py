@@ -6,6 +6,7 @@ which method should a user pick at 1, 2 and 5 images per class?
     .venv/bin/python benchmarks/regime_study.py --only core     # er, balancing, gdro, the oracle, finetune
     .venv/bin/python benchmarks/regime_study.py --report-only   # the tables of the runs finished so far
     .venv/bin/python benchmarks/regime_study.py --select        # gdro's options on the validation split
+    .venv/bin/python benchmarks/regime_study.py --benchmark fmnist100-dil --only core --memories 2,5
 
 The pretrained weights are made once by `clipcl pretrain clipcl:fmnist100 --out benchmarks/out/fmnist100-tiny-rn.pt`
 (their sha256 is in the table) and every run starts from that file. One CPU thread per run; the same seeds
@@ -147,7 +148,13 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--select", action="store_true", help="gdro's options on the validation split")
     ap.add_argument("--out", default=str(HERE / "out" / "regime"))
+    ap.add_argument("--benchmark", default="fmnist100-cil", choices=["fmnist100-cil", "fmnist100-dil"])
     args = ap.parse_args()
+    global BENCHMARK
+    BENCHMARK = args.benchmark
+    kind = BENCHMARK.rsplit("-", 1)[1]
+    if args.select and kind != "cil":
+        ap.error("--select chooses gdro's options on fmnist100-cil's validation split; drop --benchmark")
     mems = [int(m) for m in args.memories.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     if not WEIGHTS.is_file() and not args.report_only:
@@ -168,7 +175,7 @@ def main() -> None:
                     continue  # a probe needs a memory image to spare
                 m = 0 if label in NO_MEMORY else mem
                 jobs += [(label, m, s) for s in seeds if (label, m, s) not in jobs]
-        name, extra = "cil", []
+        name, extra = kind, []
     root = Path(args.out) / name
 
     def folder(job) -> Path:
@@ -196,11 +203,13 @@ def main() -> None:
                 if r is not None:
                     results[job] = r
     cmd = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/regime_study.py" + (" --select" if args.select else "")
+    if kind != "cil":
+        cmd += f" --benchmark {BENCHMARK} --only {args.only} --memories {args.memories}"
     if args.select:
         text = table("gdro's options on the validation split (fmnist100-cil, m = 2)", cmd, variants, [2], seeds,
                      results, compare=[(k, "gdro") for k in SELECT if k != "gdro"])
     else:
-        text = table("The paper's regime: fmnist100-cil", cmd, variants, mems, seeds, results)
+        text = table(f"The paper's regime: {BENCHMARK}", cmd, variants, mems, seeds, results)
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / f"regime_{name}.md").write_text(text + "\n")
     raw = {f"{label}|m={m}|seed={s}": {**r["metrics"], "mean_diagonal": value(r, "mean_diagonal")}
