@@ -65,13 +65,13 @@ def test_filestore_reads_in_order_with_and_without_workers(tmp_path, workers):
 CIFAR_NAMES = [b"apple", b"aquarium_fish", b"baby", b"maple_tree"]
 
 
-def write_cifar100(root: Path, n_train=8, n_test=4):
+def write_cifar100(root: Path, n_train=8, n_test=4, names=CIFAR_NAMES):
     """cifar-100-python/{train,test,meta} as the real archive has them (pickles with bytes keys)."""
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for split, n in (("train", n_train), ("test", n_test)):
-        labels = [k % len(CIFAR_NAMES) for k in range(n)]
+        labels = [k % len(names) for k in range(n)]
         data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         data[:, 0] = labels  # first red pixel = label
         data[:, 1024] = 200  # first green pixel
@@ -79,7 +79,7 @@ def write_cifar100(root: Path, n_train=8, n_test=4):
             pickle.dump({b"filenames": [b"x.png"] * n, b"batch_label": split.encode(), b"fine_labels": labels,
                          b"coarse_labels": [0] * n, b"data": data}, f, protocol=2)
     with open(folder / "meta", "wb") as f:
-        pickle.dump({b"fine_label_names": CIFAR_NAMES, b"coarse_label_names": [b"fruit"]}, f, protocol=2)
+        pickle.dump({b"fine_label_names": list(names), b"coarse_label_names": [b"fruit"]}, f, protocol=2)
 
 
 def test_cifar100_pickles(tmp_path):
@@ -98,6 +98,23 @@ def test_cifar100_shipped_order_is_pycils():
     # PyCIL / PODNet's CIFAR-100 order (np.random.seed(1993); np.random.permutation(100)), as published
     assert pycil_order(100)[:12] == [68, 56, 78, 8, 23, 84, 90, 65, 74, 76, 40, 89]
     assert pycil_order(100)[-5:] == [67, 29, 49, 57, 33]
+
+
+def test_cifar100_named_orders_follow_pycil_and_continual_clip(tmp_path):
+    write_cifar100(tmp_path, n_train=200, n_test=100, names=[f"c{k}".encode() for k in range(100)])
+    runs = {}
+    for order in ("shipped", "pycil", "continual-clip"):
+        cfg = ScenarioCfg(dataset="cifar100", root=str(tmp_path), download=False, class_order=order,
+                          classes_per_task=10)
+        sc = build_scenario(cfg)
+        runs[order] = list(sc.class_order)
+        x = sc.tasks[0].train.load(np.arange(len(sc.tasks[0].train)))  # the first red pixel is the label id
+        assert (np.array(runs[order])[sc.tasks[0].train.targets] == x[:, 0, 0, 0].numpy()).all()
+    assert runs["shipped"] == runs["pycil"] == pycil_order(100)
+    # iCaRL's list, as Continual-CLIP / ZSCL / MoE-Adapters4CL / RAPF publish it
+    assert runs["continual-clip"][:10] == [87, 0, 52, 58, 44, 91, 68, 97, 51, 15]
+    assert runs["continual-clip"][-6:] == [34, 55, 54, 26, 35, 39]
+    assert sorted(runs["continual-clip"]) == list(range(100))
 
 
 def test_cifar100_missing_without_download(tmp_path, monkeypatch):

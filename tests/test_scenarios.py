@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipcl.config import ConfigError, ScenarioCfg
+from clipcl.config import ConfigError, RunCfg, ScenarioCfg
 from clipcl.data.datasets import Dataset
 from clipcl.data.images import ImageSet
 from clipcl.data.scenarios import build_scenario, class_order
@@ -44,6 +44,44 @@ def test_order_is_reproducible_and_seed_dependent():
     assert a != class_order(10, ScenarioCfg(order_seed=1))
     assert class_order(10, ScenarioCfg(class_order="natural")) == list(range(10))
     assert class_order(10, ScenarioCfg(classes=(3, 1, 2))) == [3, 1, 2]
+
+
+def test_an_order_file_gives_its_label_ids_in_its_order(tmp_path):
+    ds = toy_dataset()
+    f = tmp_path / "order.txt"
+    f.write_text("# my order\n7, 2 9\n0 1 3 4 5 6 8  # the rest\n")
+    sc = build_scenario(ScenarioCfg(dataset="toy", classes_per_task=5, class_order=str(f)), dataset=ds)
+    assert list(sc.class_order) == [7, 2, 9, 0, 1, 3, 4, 5, 6, 8]
+    imgs = sc.tasks[0].train.load(np.arange(len(sc.tasks[0].train)))
+    assert (imgs[:, 0, 0, 0].numpy() == np.array(sc.class_order)[sc.tasks[0].train.targets]).all()
+    (tmp_path / "order.yaml").write_text("- 3\n- 1\n- 2\n")  # a YAML (or JSON) list reads too; a subset is a stream
+    assert class_order(10, ScenarioCfg(class_order=str(tmp_path / "order.yaml"))) == [3, 1, 2]
+    (tmp_path / "order.json").write_text("[4, 0]")
+    assert class_order(10, ScenarioCfg(class_order=str(tmp_path / "order.json"))) == [4, 0]
+
+
+@pytest.mark.parametrize("text,said", [(None, "no such file"), ("3 1 x", "'x' is not a class index"),
+                                       ("3 1 3", "class 3 twice"), ("3 10", "[10]"), ("# none\n", "no class index"),
+                                       ("2 -1", "'-1' is not a class index")])
+def test_a_bad_order_file_is_one_error_naming_it(tmp_path, text, said):
+    f = tmp_path / "order.txt"
+    if text is not None:
+        f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        class_order(10, ScenarioCfg(class_order=str(f)))
+    assert "scenario.class_order" in str(e.value) and str(f) in str(e.value) and said in str(e.value)
+    if text is not None:
+        assert f.read_text() == text  # read, never touched
+
+
+def test_order_names_are_checked_before_any_data():
+    with pytest.raises(ConfigError, match="'scenario.class_order' = 'sedeed': must be one of seeded"):
+        RunCfg(scenario=ScenarioCfg(class_order="sedeed"))
+    RunCfg(scenario=ScenarioCfg(class_order="orders/c100.txt"))  # a path: read when the scenario is built
+    with pytest.raises(ConfigError, match="'continual-clip': that is CIFAR-100's order"):
+        class_order(10, ScenarioCfg(dataset="toy", class_order="continual-clip"))
+    with pytest.raises(ConfigError, match="'scenario.classes' holds class 2 twice"):
+        class_order(10, ScenarioCfg(classes=(2, 1, 2)))
 
 
 def test_explicit_classes_and_hash():

@@ -178,7 +178,9 @@ class ScenarioCfg:
     classes_per_task: int = 2
     initial_classes: int = 0  # a larger first task (B50-Inc10 style); 0 = same as classes_per_task
     n_tasks: int = 0  # 0 = as many as the classes (CIL) or domains (DIL) allow
-    class_order: str = "seeded"  # seeded | natural | shipped (the dataset's published order, if any)
+    # seeded | natural | shipped (the dataset's published order, if any) | pycil (numpy seed 1993) |
+    # continual-clip (CIFAR-100: iCaRL's list) | a file of label ids (a value with '/' or a suffix, e.g. order.txt)
+    class_order: str = "seeded"
     order_seed: int = 1993
     classes: tuple[int, ...] = ()  # an explicit class order (dataset label ids); overrides class_order
     domains: tuple[str, ...] = ()  # DIL: the domains in stream order; () = the dataset's default
@@ -309,10 +311,17 @@ class RunCfg:
         validate(self)
 
 
+NAMED_ORDERS = ("seeded", "natural", "shipped", "pycil", "continual-clip")  # scenario.class_order's names
+
+
+def is_order_file(value: str) -> bool:
+    """scenario.class_order names a file of class indices when it is not a bare name: it has a '/' or a suffix."""
+    return value not in NAMED_ORDERS and ("/" in value or "." in value or "\\" in value)
+
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.precision": ("auto", "fp32", "bf16"),
     "scenario.kind": ("cil", "dil"),
-    "scenario.class_order": ("seeded", "natural", "shipped"),
     "memory.selection": ("random", "herding"),
     "memory.codec": ("raw", "png", "jpeg"),
     "scenario.augment": ("none", "shift", "crop_flip"),
@@ -468,6 +477,8 @@ def validate(cfg: RunCfg) -> None:
         value = get_value(cfg, key)
         _check(value in choices, key, value, f"must be one of {', '.join(choices)}")
     s, m, o, me = cfg.scenario, cfg.memory, cfg.optim, cfg.method
+    _check(s.class_order in NAMED_ORDERS or is_order_file(s.class_order), "scenario.class_order", s.class_order,
+           f"must be one of {', '.join(NAMED_ORDERS)}, or the path of a file of class indices (e.g. orders/c100.txt)")
     _check(s.classes_per_task >= 1, "scenario.classes_per_task", s.classes_per_task, "must be at least 1")
     for key in ("initial_classes", "n_tasks", "train_per_class", "test_per_class", "val_per_class"):
         _check(getattr(s, key) >= 0, f"scenario.{key}", getattr(s, key), "must be 0 or more")

@@ -32,6 +32,7 @@ class Dataset:
     test: ImageSet | None = None
     domains: dict[str, tuple[ImageSet, ImageSet]] = field(default_factory=dict)
     shipped_order: list[int] | None = None  # the field's published class order, where there is one
+    orders: dict[str, list[int]] = field(default_factory=dict)  # other published orders by name (class_order)
     # what a user should know about the files: 'root' (the folder read), 'warnings' (e.g. classes without
     # test images), 'unreadable_images' (path -> reason, filled while reading with skip_bad_images=true)
     notes: dict = field(default_factory=dict)
@@ -243,11 +244,22 @@ def load_fmnist_dil_stream(cfg: ScenarioCfg) -> Dataset:
 
 # ---------------------------------------------------------------- CIFAR-100
 def pycil_order(n_classes: int, seed: int = 1993) -> list[int]:
-    """The class order of PyCIL (and PODNet, UCIR): np.random.seed(1993); np.random.permutation(n).
+    """The class order of PyCIL (and the methods built on it, e.g. PROOF): np.random.seed(1993);
+    np.random.permutation(n). Not PODNet's CIFAR-100 order, which is ICARL_CIFAR100_ORDER.
 
     numpy's legacy RandomState stream is frozen by numpy's compatibility policy, so this is exact.
     """
     return np.random.RandomState(seed).permutation(n_classes).tolist()
+
+
+# CIFAR-100's order from iCaRL's code, the one PODNet, Continual-CLIP, ZSCL, MoE-Adapters4CL and RAPF train
+# in (scenario.class_order=continual-clip): a fixed list of label ids, not a seeded draw
+ICARL_CIFAR100_ORDER = [
+    87, 0, 52, 58, 44, 91, 68, 97, 51, 15, 94, 92, 10, 72, 49, 78, 61, 14, 8, 86, 84, 96, 18, 24, 32, 45, 88, 11, 4,
+    67, 69, 66, 77, 47, 79, 93, 29, 50, 57, 83, 17, 81, 41, 12, 37, 59, 25, 20, 80, 73, 1, 28, 6, 46, 62, 82, 53, 9,
+    31, 75, 38, 63, 33, 74, 27, 22, 36, 3, 16, 21, 60, 19, 70, 90, 89, 43, 5, 42, 65, 76, 40, 30, 23, 85, 2, 95, 56,
+    48, 71, 64, 98, 13, 99, 7, 34, 55, 54, 26, 35, 39,
+]
 
 
 def _unpickle(path: Path) -> dict:
@@ -304,7 +316,8 @@ def load_cifar100(cfg: ScenarioCfg) -> Dataset:
     names = [(n.decode() if isinstance(n, bytes) else str(n)).replace("_", " ") for n in meta["fine_label_names"]]
     train, test = _cifar_split(folder / "train"), _cifar_split(folder / "test")
     return Dataset("cifar100", names, train=ImageSet.from_tensor(*train), test=ImageSet.from_tensor(*test),
-                   shipped_order=pycil_order(len(names)))
+                   shipped_order=pycil_order(len(names)),
+                   orders={"continual-clip": ICARL_CIFAR100_ORDER} if len(names) == 100 else {})
 
 
 # ---------------------------------------------------------------- folders of image files

@@ -9,13 +9,14 @@ import hashlib
 import json
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
 
-from ..config import ConfigError, ScenarioCfg
-from .datasets import Dataset, load_dataset
+from ..config import NAMED_ORDERS, ConfigError, ScenarioCfg, is_order_file
+from .datasets import Dataset, load_dataset, pycil_order
 from .images import FileStore, ImageSet, TensorStore
 
 
@@ -212,13 +213,52 @@ def _check_replaceable(store: FileStore, bad: np.ndarray) -> None:
                           "the files, or remove the class.")
 
 
-def class_order(n_classes: int, cfg: ScenarioCfg, shipped: Sequence[int] | None = None) -> list[int]:
-    """The class order of cfg: explicit, natural, the dataset's shipped one, or a seeded shuffle."""
+MAX_ORDER_FILE_BYTES = 1 << 20
+
+
+def read_order_file(value: str, n_classes: int) -> list[int]:
+    """The label ids of an order file: integers separated by spaces, commas or new lines (a JSON or YAML list
+    reads too), each in [0, n_classes) and none twice; a ConfigError naming the file otherwise."""
+    import re
+
+    path = Path(value).expanduser()
+    key = f"config key 'scenario.class_order' = '{value}'"
+    try:
+        if not path.is_file():
+            raise ConfigError(f"{key}: no such file; give a file of class indices (e.g. '87 0 52 ...'), or one of "
+                              f"{', '.join(NAMED_ORDERS)}.")
+        if path.stat().st_size > MAX_ORDER_FILE_BYTES:
+            raise ConfigError(f"{key}: the file is larger than 1 MiB; a class order is a list of label ids.")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}: cannot read the file ({e}).") from None
+    body = "\n".join(line.split("#", 1)[0] for line in text.splitlines())  # '# comments' dropped
+    tokens = [t for t in re.split(r"[\s,\[\]]+", body) if t and t != "-"]
+    bad = [t for t in tokens if not re.fullmatch(r"\d+", t)]
+    if bad or not tokens:
+        raise ConfigError(f"{key}: " + (f"'{bad[0]}' is not a class index" if bad else "the file holds no class "
+                          "index") + "; write label ids (integers) separated by spaces, commas or new lines.")
+    return [int(t) for t in tokens]
+
+
+def _checked(order: list[int], n_classes: int, key: str) -> list[int]:
+    out = [c for c in order if not 0 <= c < n_classes]
+    if out:
+        raise ConfigError(f"{key} holds {out[:5]}: label ids must be in [0, {n_classes}).")
+    seen, twice = set(), []
+    for c in order:
+        (twice.append(c) if c in seen else seen.add(c))
+    if twice:
+        raise ConfigError(f"{key} holds class {twice[0]} twice: each class comes once in an order.")
+    return list(order)
+
+
+def class_order(n_classes: int, cfg: ScenarioCfg, shipped: Sequence[int] | None = None,
+                orders: dict[str, Sequence[int]] | None = None) -> list[int]:
+    """The class order of cfg: explicit (scenario.classes), natural, the dataset's shipped one, a published one
+    by name (pycil, continual-clip), a file of label ids, or a seeded shuffle."""
     if cfg.classes:
-        bad = [c for c in cfg.classes if not 0 <= c < n_classes]
-        if bad:
-            raise ConfigError(f"config key 'scenario.classes' holds {bad}: label ids must be in [0, {n_classes}).")
-        return list(cfg.classes)
+        return _checked(list(cfg.classes), n_classes, "config key 'scenario.classes'")
     if cfg.class_order == "natural":
         return list(range(n_classes))
     if cfg.class_order == "shipped":
@@ -226,6 +266,17 @@ def class_order(n_classes: int, cfg: ScenarioCfg, shipped: Sequence[int] | None 
             raise ConfigError(f"config key 'scenario.class_order' = 'shipped': dataset '{cfg.dataset}' ships no "
                               "class order. Use 'seeded' or 'natural'.")
         return list(shipped)
+    if cfg.class_order == "pycil":
+        return pycil_order(n_classes)
+    if cfg.class_order == "continual-clip":
+        if not orders or "continual-clip" not in orders:
+            raise ConfigError(f"config key 'scenario.class_order' = 'continual-clip': that is CIFAR-100's order "
+                              f"(iCaRL's, used by Continual-CLIP, ZSCL, MoE-Adapters4CL, RAPF); dataset "
+                              f"'{cfg.dataset}' has none of that name. Use pycil, seeded, or a file of class indices.")
+        return _checked(list(orders["continual-clip"]), n_classes, "the continual-clip order")
+    if is_order_file(cfg.class_order):
+        return _checked(read_order_file(cfg.class_order, n_classes), n_classes,
+                        f"config key 'scenario.class_order' = '{cfg.class_order}' (the file)")
     return np.random.default_rng(cfg.order_seed).permutation(n_classes).tolist()
 
 
@@ -395,7 +446,7 @@ def build_scenario(cfg: ScenarioCfg, seed: int = 0, dataset: Dataset | None = No
     if cfg.classes_per_task > len(ds.classnames):
         raise ConfigError(f"config key 'scenario.classes_per_task' = {cfg.classes_per_task}: dataset "
                           f"'{cfg.dataset}' has only {len(ds.classnames)} classes.")
-    order = class_order(len(ds.classnames), cfg, ds.shipped_order)
+    order = class_order(len(ds.classnames), cfg, ds.shipped_order, ds.orders)
     train = ds.train.per_class_limit(cfg.train_per_class, rng)
     test = ds.test.per_class_limit(cfg.test_per_class, rng)
     scenario = class_incremental(train, test, ds.classnames, order, cfg.classes_per_task,
