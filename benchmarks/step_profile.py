@@ -39,7 +39,7 @@ def instrumented_step(tr: Trainer, step: int) -> None:
     with record_function("load"):
         labels = torch.as_tensor(data.targets[pos])
         index = torch.as_tensor(pos)
-        images = tr.bundle.prepare_images(data.load(pos))
+        images = tr.bundle.prepare_images(tr.bundle.input_images(data.load(pos)))
         images = augment(images, cfg.scenario.augment, seeded(cfg.seed, 1, step, STREAM_AUGMENT), total=len(pos))
     with record_function("forward+loss"):
         terms = tr.method.training_forward(tr.model, images, labels, index, step)

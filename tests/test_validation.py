@@ -206,6 +206,9 @@ class StubBundle:
     def prepare_images(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def input_images(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
     @staticmethod
     def tokenizer(texts: list[str]) -> torch.Tensor:
         return torch.tensor([[int(re.findall(r"\d+", t)[-1])] for t in texts])

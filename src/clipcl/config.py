@@ -166,6 +166,10 @@ class ModelCfg:
     channels_last: bool = False  # the image tower and its input in channels-last memory format (convolutions)
     grad_checkpointing: bool = False  # recompute activations in the backward: less memory, more time
     compile: bool = False  # torch.compile the training forward (the first steps are slow while it compiles)
+    # how images smaller or larger than the model's input reach its size: torch (bicubic on float tensors, on the
+    # device: fast) | openclip (open_clip's own eval transform: PIL bicubic on the shorter side, centre crop, on
+    # uint8, on the CPU: the inputs pretrained CLIP weights were measured with)
+    resize: str = "torch"
 
 
 @dataclass(frozen=True)
@@ -321,6 +325,7 @@ def is_order_file(value: str) -> bool:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.precision": ("auto", "fp32", "bf16"),
+    "model.resize": ("torch", "openclip"),
     "scenario.kind": ("cil", "dil"),
     "memory.selection": ("random", "herding"),
     "memory.codec": ("raw", "png", "jpeg"),

@@ -474,7 +474,7 @@ class Trainer:
             ctx.shard_sizes = distributed.shard_sizes(len(positions), self.world)
             start = sum(ctx.shard_sizes[: self.rank])
             mine = positions[start:start + ctx.shard_sizes[self.rank]]
-        raw = data.load(mine)
+        raw = self.bundle.input_images(data.load(mine))
         if self.device.type == "cuda":  # page-locked: the copy overlaps with the GPU's work
             raw = raw.pin_memory()
         images = self.bundle.prepare_images(raw.to(self.device, non_blocking=True))

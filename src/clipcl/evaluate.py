@@ -36,7 +36,7 @@ def image_features(bundle, data: ImageSet, batch_size: int, device: torch.device
     out = []
     for start in range(0, len(data), batch_size):
         pos = np.arange(start, min(start + batch_size, len(data)))
-        x = bundle.prepare_images(data.load(pos).to(device, non_blocking=True))
+        x = bundle.prepare_images(bundle.input_images(data.load(pos)).to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out.append(F.normalize(model.encode_image(x).float(), dim=-1))
     return torch.cat(out) if out else torch.zeros(0, 1, device=device)

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -73,8 +74,28 @@ class ClipBundle:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     channels_last: bool = False  # prepared images in channels-last memory format (model.channels_last)
+    resize: str = "torch"  # model.resize: torch (in prepare_images) | openclip (in input_images, on the CPU)
     # evaluation's image embeddings while the image tower is unchanged (evaluate.task_accuracy)
     eval_features: dict = field(default_factory=dict, repr=False)
+
+    def input_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images [B, C, H, W] on the CPU, as stored -> uint8 at the model's size the way open_clip's own
+        eval transform makes them (model.resize=openclip: torchvision's PIL resize of the shorter side, bicubic,
+        then a centre crop); unchanged with model.resize=torch, where prepare_images resizes floats instead."""
+        size = self.image_size
+        if self.resize != "openclip" or images.shape[-2:] == (size, size):
+            return images
+        from PIL import Image
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        out = torch.empty((len(images), images.shape[1], size, size), dtype=torch.uint8)
+        for k, img in enumerate(images.numpy()):
+            pil = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
+            pil = TF.center_crop(TF.resize(pil, size, interpolation=InterpolationMode.BICUBIC), size)
+            arr = torch.from_numpy(np.asarray(pil).copy())
+            out[k] = arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
+        return out
 
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, C, H, W] (C = 1 or 3, any size) -> normalised float input at the model's size."""
@@ -154,5 +175,5 @@ def create(cfg: ModelCfg, device: torch.device | str = "cpu", data: ScenarioCfg 
         size = size[0]
     mean = tuple(pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(pcfg.get("std", open_clip.OPENAI_DATASET_STD))
-    return ClipBundle(model=model, tokenizer=tokenizer, image_size=int(size), mean=mean, std=std,
+    return ClipBundle(model=model, tokenizer=tokenizer, image_size=int(size), mean=mean, std=std, resize=cfg.resize,
                       channels_last=cfg.channels_last)
