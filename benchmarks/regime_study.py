@@ -203,6 +203,8 @@ def main() -> None:
                 if r is not None:
                     results[job] = r
     cmd = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/regime_study.py" + (" --select" if args.select else "")
+    if args.seeds != "0,1,2,3,4":
+        cmd += f" --seeds {args.seeds}"
     if kind != "cil":
         cmd += f" --benchmark {BENCHMARK} --only {args.only} --memories {args.memories}"
     if args.select:

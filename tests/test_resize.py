@@ -17,9 +17,12 @@ def images(n: int, c: int, h: int, w: int) -> torch.Tensor:
     return torch.randint(0, 256, (n, c, h, w), generator=g, dtype=torch.uint8)
 
 
-def open_clip_inputs(batch: torch.Tensor, bundle) -> torch.Tensor:
-    """What open_clip.image_transform (eval) makes of each image, as a PIL image."""
-    tf = open_clip.image_transform(bundle.image_size, is_train=False, mean=bundle.mean, std=bundle.std)
+def open_clip_inputs(batch: torch.Tensor, bundle, **preprocess) -> torch.Tensor:
+    """What open_clip's eval transform for this preprocessing makes of each image, given as a PIL image."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    cfg = PreprocessCfg(**{"size": bundle.image_size, "mean": bundle.mean, "std": bundle.std, **preprocess})
+    tf = image_transform_v2(cfg, is_train=False)
     out = []
     for img in batch.numpy():
         pil = Image.fromarray(img[0]) if img.shape[0] == 1 else Image.fromarray(img.transpose(1, 2, 0))
@@ -40,6 +43,22 @@ def test_openclip_resize_equals_open_clips_own_transform(shape):
     assert default.input_images(batch) is batch
     if shape[1] == shape[2]:
         assert (default.prepare_images(batch) - want).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("preprocess", [{"resize_mode": "squash"}, {"interpolation": "bilinear"},
+                                        {"resize_mode": "longest", "fill_color": 0}])
+def test_openclip_resize_follows_the_models_own_preprocessing(preprocess):
+    """SigLIP and timm towers squash, or resize bilinearly: input_images does what the model's config says."""
+    from dataclasses import replace
+
+    base = create(ModelCfg(name="clipcl-tiny-rn", resize="openclip"))
+    bundle = replace(base, preprocess={**base.preprocess, **preprocess})
+    batch = images(3, 3, 20, 27)
+    want = open_clip_inputs(batch, bundle, **bundle.preprocess)
+    got = bundle.prepare_images(bundle.input_images(batch))
+    assert torch.allclose(got, want, atol=1e-5)
+    default = open_clip_inputs(batch, base, **base.preprocess)
+    assert (got - default).abs().max() > 0.05  # another preprocessing, other inputs: the test can tell
 
 
 def test_images_already_at_the_models_size_are_left_alone():
@@ -70,9 +89,13 @@ def test_a_run_with_openclip_resize_trains_and_evaluates_on_its_inputs(tmp_path)
     real = tr.bundle.input_images
 
     def recording(x):
-        seen.append(tuple(x.shape[-2:]))
+        import inspect
+
+        seen.append((inspect.stack()[1].function, tuple(x.shape[-2:])))
         return real(x)
 
     tr.bundle.input_images = recording
     tr.run()
-    assert seen and all(s == (28, 28) for s in seen)  # stored size in, model size out (checked above)
+    callers = {f for f, _ in seen}
+    assert {"train_step", "image_features"} <= callers  # training and evaluation both take open_clip's inputs
+    assert all(size == (28, 28) for _, size in seen)  # the stored images, brought to the model's size there

@@ -7,6 +7,7 @@ pinned), as a user would; the in-process tests check the checkpoint contents the
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -321,3 +322,38 @@ def test_resume_with_another_thread_count_warns(tiny_saves, tmp_path, capsys):
     trainer.load_checkpoint()
     err = capsys.readouterr().err
     assert err.startswith("clipcl: warning: the checkpoint was written with") and "CPU threads" in err, err
+
+
+def test_a_checkpoint_of_an_older_clipcl_without_a_new_key_still_resumes(tiny_saves, tmp_path):
+    """A key added to the config since a run was written counts as its default (which reproduces what the older
+    version did): the run resumes, a sweep recognises its finished cells, the report groups it with new runs."""
+    from clipcl.config import to_dict, with_defaults
+    from clipcl.summary import _settings
+    from clipcl.sweep import cell_state
+
+    cfg, out, trainer, saves = tiny_saves
+    path = out / checkpoint.CHECKPOINT_NAME
+    old = to_dict(cfg)
+    del old["model"]["resize"], old["method"]["t2i_eps"]  # as written before those keys existed
+    assert with_defaults(old) == to_dict(cfg)
+    checkpoint.load(path, old)  # no CheckpointError
+    changed = to_dict(cfg)
+    changed["model"]["resize"] = "openclip"
+    with pytest.raises(checkpoint.CheckpointError, match="model.resize"):
+        checkpoint.load(path, changed)  # a key set to another value is still another config
+    r = json.loads((out / "results.json").read_text())
+    cell = tmp_path / "cell"  # a finished sweep cell of the older version
+    shutil.copytree(out, cell)
+    r_old = {**r, "config": old}
+    (cell / "results.json").write_text(json.dumps(r_old))
+    assert cell_state(cell, cfg)[0] == "skip"
+    (cell / "results.json").write_text(json.dumps({**r, "config": changed}))
+    assert cell_state(cell, cfg)[0] == "refuse"
+    from clipcl.report import gather
+
+    warnings = gather([str(out), str(cell)]).warnings  # the report says why the two are not comparable
+    assert any("config.model.resize" in w and "openclip" in w for w in warnings)
+    (cell / "results.json").write_text(json.dumps(r_old))
+    assert not any("resize" in w for w in gather([str(out), str(cell)]).warnings)
+    assert _settings(r_old) == _settings(r)
+    assert _settings({**r, "config": changed}) != _settings(r)

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
+from .config import with_defaults
 from .files import atomic_write, clear_stale_temporaries
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -215,8 +216,9 @@ RESUME_FREE = ("log",)  # config sections a resumed run may change: they do not 
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """The part of a config that must not change when a run is resumed."""
-    return {k: v for k, v in config.items() if k not in RESUME_FREE}
+    """The part of a config that must not change when a run is resumed, with the keys added since it was written
+    at their defaults (config.with_defaults): a run of an older clipcl resumes under a newer one."""
+    return {k: v for k, v in with_defaults(config).items() if k not in RESUME_FREE}
 
 
 def _first_line(e: BaseException) -> str:

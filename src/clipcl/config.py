@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import math
 import os
 import reprlib
@@ -692,6 +693,29 @@ def _unknown_key(key: str) -> ConfigError:
     close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"unknown config key '{show(key)[1:-1]}'.{hint} Run 'clipcl list keys' to see every key.")
+
+
+def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config (results.json, a checkpoint) with the keys added to clipcl since it was written filled
+    in at their defaults, which reproduce what the older version did: so that a run resumes, a sweep cell is
+    recognised and runs group as they did. Unknown keys and odd values are kept as they are."""
+    def merge(defaults: dict[str, Any], given: Any) -> Any:
+        if not isinstance(given, dict):
+            return given
+        out = dict(given)
+        for k, v in defaults.items():
+            if k not in out:
+                out[k] = v
+            elif isinstance(v, dict):
+                out[k] = merge(v, out[k])
+        return out
+
+    return merge(json.loads(_default_config_json()), config)  # a fresh copy each time: callers may change it
+
+
+@functools.lru_cache(maxsize=1)
+def _default_config_json() -> str:
+    return json.dumps(to_dict(RunCfg()))
 
 
 def from_dict(data: dict[str, Any], cls: type = RunCfg, prefix: str = "") -> Any:

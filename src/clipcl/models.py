@@ -75,27 +75,44 @@ class ClipBundle:
     std: tuple[float, float, float]
     channels_last: bool = False  # prepared images in channels-last memory format (model.channels_last)
     resize: str = "torch"  # model.resize: torch (in prepare_images) | openclip (in input_images, on the CPU)
+    # the model's open_clip preprocessing (size, interpolation, resize_mode, ...: open_clip's PreprocessCfg fields)
+    preprocess: dict = field(default_factory=dict, repr=False)
+    _steps: list | None = field(default=None, repr=False, compare=False)  # input_images' PIL steps, once built
     # evaluation's image embeddings while the image tower is unchanged (evaluate.task_accuracy)
     eval_features: dict = field(default_factory=dict, repr=False)
 
     def input_images(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images [B, C, H, W] on the CPU, as stored -> uint8 at the model's size the way open_clip's own
-        eval transform makes them (model.resize=openclip: torchvision's PIL resize of the shorter side, bicubic,
-        then a centre crop); unchanged with model.resize=torch, where prepare_images resizes floats instead."""
+        """uint8 images [B, C, H, W] on the CPU, as stored -> uint8 RGB at the model's size, made by open_clip's
+        own eval transform for this model (model.resize=openclip: its resize and crop steps, i.e. its
+        interpolation and resize_mode, on PIL images); unchanged with model.resize=torch, where prepare_images
+        resizes floats instead."""
         size = self.image_size
         if self.resize != "openclip" or images.shape[-2:] == (size, size):
             return images
         from PIL import Image
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as TF
 
-        out = torch.empty((len(images), images.shape[1], size, size), dtype=torch.uint8)
+        steps = self._pil_steps()
+        out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
         for k, img in enumerate(images.numpy()):
             pil = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
-            pil = TF.center_crop(TF.resize(pil, size, interpolation=InterpolationMode.BICUBIC), size)
-            arr = torch.from_numpy(np.asarray(pil).copy())
-            out[k] = arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
+            for step in steps:
+                pil = step(pil)
+            out[k] = torch.from_numpy(np.asarray(pil.convert("RGB")).copy()).permute(2, 0, 1)
         return out
+
+    def _pil_steps(self) -> list:
+        """The steps of open_clip.image_transform_v2 (eval) before its ToTensor: resize, crop, mode."""
+        if self._steps is None:
+            from open_clip.transform import PreprocessCfg, image_transform_v2
+
+            cfg = PreprocessCfg(**{"size": self.image_size, "mean": self.mean, "std": self.std, **self.preprocess})
+            steps = []
+            for step in image_transform_v2(cfg, is_train=False).transforms:
+                if "ToTensor" in type(step).__name__:
+                    break
+                steps.append(step)
+            self._steps = steps
+        return self._steps
 
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, C, H, W] (C = 1 or 3, any size) -> normalised float input at the model's size."""
@@ -175,5 +192,6 @@ def create(cfg: ModelCfg, device: torch.device | str = "cpu", data: ScenarioCfg 
         size = size[0]
     mean = tuple(pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(pcfg.get("std", open_clip.OPENAI_DATASET_STD))
+    known = ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
     return ClipBundle(model=model, tokenizer=tokenizer, image_size=int(size), mean=mean, std=std, resize=cfg.resize,
-                      channels_last=cfg.channels_last)
+                      channels_last=cfg.channels_last, preprocess={k: v for k, v in pcfg.items() if k in known})

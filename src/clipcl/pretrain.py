@@ -340,7 +340,8 @@ def check_weights_output(out: Path | str, overwrite: bool) -> tuple[Path, Path]:
         raise ConfigError(f"'{side}', where clipcl pretrain writes the record of --out '{out}', is {what}; clipcl never "
                           "replaces a file of yours. Choose another --out, or move that one away first.")
     other = record.get("weights") if record else None
-    if isinstance(other, str) and other != out.name and (side.parent / other).exists():
+    if (isinstance(other, str) and other != out.name and (side.parent / other).exists()
+            and not (out.exists() and os.path.samefile(out, side.parent / other))):  # case-insensitive names
         raise ConfigError(f"'{side}', where clipcl pretrain writes the record of --out '{out}', is the record of "
                           f"'{side.parent / other}'; writing it would orphan those weights. Choose an --out with "
                           "another stem, or move those weights and their record away first.")

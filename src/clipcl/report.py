@@ -640,7 +640,9 @@ def gather(paths: list[str]) -> Gathered:
               "benchmarks (scenario)": _benchmarks(runs),
               "memory sizes (config.memory)": {label: _memory_size(r) for label, r in runs.items()},
               "evaluation splits (config.eval.split)":
-              {label: str((r["config"].get("eval") or {}).get("split", "test")) for label, r in runs.items()}}
+              {label: str((r["config"].get("eval") or {}).get("split", "test")) for label, r in runs.items()},
+              "image resizing (config.model.resize)":
+              {label: str((r["config"].get("model") or {}).get("resize", "torch")) for label, r in runs.items()}}
     warnings = [one_line(f"the runs use different {what}, so their numbers are not comparable: {text}")
                 for what, v in values.items() if (text := _disagreement(v))]
     return Gathered(kept, labels, results, warnings, repeats)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
 
-from .config import ConfigError, RunCfg, to_dict
+from .config import ConfigError, RunCfg, to_dict, with_defaults
 from .report import BENCHMARK_KEYS, gather, markdown_text
 from .rundir import RESULTS_NAME
 
@@ -271,7 +271,9 @@ def _section_key(r: dict) -> dict[str, object]:
 
 
 def _settings(r: dict) -> dict[str, str]:
-    return {k: format_value(v) for k, v in flat_config(r["config"]).items() if k not in IGNORED_KEYS}
+    """The run's settings, keys added since it was written at their defaults: an older run of the same config
+    groups with a newer one."""
+    return {k: format_value(v) for k, v in flat_config(with_defaults(r["config"])).items() if k not in IGNORED_KEYS}
 
 
 def _seed_order(run: Run) -> tuple:

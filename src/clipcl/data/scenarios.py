@@ -229,7 +229,7 @@ def read_order_file(value: str, n_classes: int) -> list[int]:
                               f"{', '.join(NAMED_ORDERS)}.")
         if path.stat().st_size > MAX_ORDER_FILE_BYTES:
             raise ConfigError(f"{key}: the file is larger than 1 MiB; a class order is a list of label ids.")
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad's) is no class index
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{key}: cannot read the file ({e}).") from None
     body = "\n".join(line.split("#", 1)[0] for line in text.splitlines())  # '# comments' dropped
