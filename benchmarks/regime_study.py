@@ -36,7 +36,7 @@ BENCHMARK = "fmnist100-cil"
 WEIGHTS = HERE / "out" / "fmnist100-tiny-rn.pt"
 # held-out signals read every 4 steps (a task has 16) and move v halfway each time: they follow the forgetting
 HELD_OUT = ["method.signal_every=4", "method.beta=0.5"]
-NO_MEMORY = {"finetune", "lwf", "wiseft", "zscl"}
+NO_MEMORY = {"finetune", "lwf", "wise-ft", "zscl", "prototypes"}
 GROUPS = {  # label -> overrides, by priority
     "core": {
         "finetune": ["method.name=finetune"],
@@ -59,6 +59,7 @@ GROUPS = {  # label -> overrides, by priority
         "lwf": ["method.name=lwf"],
         "wise-ft": ["method.name=wiseft"],
         "zscl": ["method.name=zscl"],
+        "prototypes": ["method.name=prototypes"],
     },
 }
 SELECT = {  # gdro's options one at a time from the shipped values, on the validation split, m = 2
@@ -70,6 +71,7 @@ SELECT = {  # gdro's options one at a time from the shipped values, on the valid
     "probe signal": ["method.dro_signal=probe", *HELD_OUT],
     "dro none": ["method.dro=none"],
 }
+SELECT_PROTOTYPES = {f"w {w}": [f"method.proto_weight={w}"] for w in (0, 0.25, 0.5, 0.75, 1)}
 METRICS = (("avg inc.", "avg_incremental_accuracy"), ("last", "last_accuracy"), ("forgetting", "forgetting"),
            ("mean diag R[t,t]", "mean_diagonal"), ("zero-shot unseen", "future_accuracy"))
 COMPARE = (("gdro (oracle, lam 1)", "balanced (gdro dro=none)"), ("gdro (oracle)", "balanced (gdro dro=none)"), ("gdro", "er"), ("gdro", "balanced (gdro dro=none)"),
@@ -112,7 +114,7 @@ def table(title: str, command: str, variants: dict, mems: list[int], seeds: list
              f"Benchmark {BENCHMARK} from `{WEIGHTS.name}` (sha256 {sha}...), seeds {seeds}, one CPU thread per "
              "run. Mean ± standard deviation over seeds, in %; paired differences in points, mean [95% "
              "t-interval]. `zero-shot unseen`: accuracy on the tasks not trained yet (future_accuracy). "
-             "finetune, lwf, wise-ft and zscl keep no memory: the same runs in every m.", ""]
+             "finetune, lwf, wise-ft, zscl and prototypes keep no memory: the same runs in every m.", ""]
     for mem in mems:
         cells = {}
         for label in variants:
@@ -146,7 +148,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--select", action="store_true", help="gdro's options on the validation split")
+    ap.add_argument("--select", nargs="?", const="gdro", default=None, choices=["gdro", "prototypes"],
+                    help="a method's options on the validation split: gdro's (the default), prototypes' weight")
     ap.add_argument("--out", default=str(HERE / "out" / "regime"))
     ap.add_argument("--benchmark", default="fmnist100-cil", choices=["fmnist100-cil", "fmnist100-dil"])
     args = ap.parse_args()
@@ -160,7 +163,11 @@ def main() -> None:
     if not WEIGHTS.is_file() and not args.report_only:
         subprocess.run([sys.executable, "-m", "clipcl.cli", "pretrain", "clipcl:fmnist100", "--out", str(WEIGHTS)],
                        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if args.select:
+    if args.select == "prototypes":  # no memory, no training: the fusion weight only
+        variants = SELECT_PROTOTYPES
+        jobs = [(label, 0, s) for s in seeds for label in variants]
+        name, extra = "select_prototypes", ["eval.split=val", "method.name=prototypes"]
+    elif args.select:
         variants = SELECT
         jobs = [(label, 2, s) for s in seeds for label in variants]
         name, extra = "select", ["eval.split=val", "method.name=gdro", "memory.per_class=2"]
@@ -202,12 +209,16 @@ def main() -> None:
             for job, r in pool.map(one, jobs):
                 if r is not None:
                     results[job] = r
-    cmd = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/regime_study.py" + (" --select" if args.select else "")
+    cmd = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/regime_study.py" + (
+        "" if not args.select else " --select" if args.select == "gdro" else f" --select {args.select}")
     if args.seeds != "0,1,2,3,4":
         cmd += f" --seeds {args.seeds}"
     if kind != "cil":
         cmd += f" --benchmark {BENCHMARK} --only {args.only} --memories {args.memories}"
-    if args.select:
+    if args.select == "prototypes":
+        text = table("prototypes' fusion weight on the validation split (fmnist100-cil)", cmd, variants, [0], seeds,
+                     results, compare=[(k, "w 0") for k in SELECT_PROTOTYPES if k != "w 0"])
+    elif args.select:
         text = table("gdro's options on the validation split (fmnist100-cil, m = 2)", cmd, variants, [2], seeds,
                      results, compare=[(k, "gdro") for k in SELECT if k != "gdro"])
     else:

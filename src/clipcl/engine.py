@@ -597,7 +597,7 @@ class Trainer:
         if len(p.before) == t:
             p.before.append(accuracy_before_training(self.bundle, self.scenario, t, cfg.eval.templates,
                                                      cfg.eval.batch_size, self.device, self.autocast,
-                                                     split=cfg.eval.split))
+                                                     split=cfg.eval.split, scores=self.method.classifier()))
         if p.step == 0:
             self.start_task(t)
         else:  # resumed within the task: the optimiser and the method's state came from the checkpoint
@@ -639,7 +639,7 @@ class Trainer:
         self.method.after_task(self.ctx)  # memory update, stored logits, weight interpolation
         eval_start = time.perf_counter()
         p.rows.append(accuracy_row(self.bundle, self.scenario, t, cfg.eval.templates, cfg.eval.batch_size,
-                                   self.device, self.autocast, split=cfg.eval.split))
+                                   self.device, self.autocast, split=cfg.eval.split, scores=self.method.classifier()))
         if cfg.eval.unseen and t + 1 < len(self.scenario):
             p.unseen.append(self._unseen_row(t + 1))
         p.timing.append({"task": t, "train_seconds": round(p.train_seconds, 3),
@@ -659,7 +659,7 @@ class Trainer:
     def _unseen_row(self, trained: int) -> list[float | None]:
         cfg = self.cfg
         return unseen_row(self.bundle, self.scenario, trained, cfg.eval.templates, cfg.eval.batch_size, self.device,
-                          self.autocast, split=cfg.eval.split)
+                          self.autocast, split=cfg.eval.split, scores=self.method.classifier())
 
     def close_data(self) -> None:
         """Stop the scenario's image-decoding processes (started again on demand if the data is read later)."""

@@ -1,7 +1,7 @@
 """Evaluation: the accuracy matrix R and the metrics of METHOD.md (pure functions of R)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,11 @@ class evaluating:
 
     def __exit__(self, *exc) -> None:
         self.model.train(self.was_training)
+
+
+# A method's own classifier (Method.classifier): (z [N, D] normalised image embeddings, text [C, D] the candidate
+# classes' prompt embeddings, scenario labels 0..C-1) -> scores [N, C]; the best score is the prediction.
+Scores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
@@ -78,8 +83,9 @@ def eval_image_features(bundle, data: ImageSet, batch_size: int, device: torch.d
 
 @torch.no_grad()
 def task_accuracy(bundle, data: ImageSet, text: torch.Tensor, batch_size: int, device: torch.device,
-                  autocast: bool = False) -> float | None:
-    """Fraction of data whose nearest candidate text is its label (None for no data)."""
+                  autocast: bool = False, scores: Scores | None = None) -> float | None:
+    """Fraction of data whose best-scored candidate is its label (None for no data): the nearest candidate text,
+    z @ text^T, or a method's own classifier `scores(z, text)` (Method.classifier)."""
     if not len(data):
         return None
     if distributed.active():  # each rank its contiguous share of the images; the counts summed
@@ -89,7 +95,8 @@ def task_accuracy(bundle, data: ImageSet, text: torch.Tensor, batch_size: int, d
     if len(data):  # a rank's share is empty when a task has fewer images than there are ranks
         z = (eval_image_features(bundle, data, batch_size, device, autocast) if not distributed.active()
              else image_features(bundle, data, batch_size, device, autocast))
-        correct = float(((z @ text.t()).argmax(1).cpu().numpy() == data.targets).sum())
+        logits = z @ text.t() if scores is None else scores(z, text)
+        correct = float((logits.argmax(1).cpu().numpy() == data.targets).sum())
     correct, total = distributed.all_sum([correct, float(len(data))], device).tolist()
     return correct / total
 
@@ -103,7 +110,7 @@ def split_of(task: Task, split: str) -> ImageSet:
 
 @torch.no_grad()
 def accuracy_row(bundle, scenario: Scenario, t: int, templates: str, batch_size: int, device: torch.device,
-                 autocast: bool = False, split: str = "test") -> list[float | None]:
+                 autocast: bool = False, split: str = "test", scores: Scores | None = None) -> list[float | None]:
     """Row t of R: accuracy on each task's `split` data (test or val) among the candidate classes of step t.
 
     CIL: candidates are the classes seen so far and future tasks are not evaluated (None);
@@ -114,7 +121,7 @@ def accuracy_row(bundle, scenario: Scenario, t: int, templates: str, batch_size:
     model.eval()
     text = candidate_text(bundle, scenario.classnames[: scenario.n_seen(t)], templates, device, autocast)
     row = [None if scenario.kind == "cil" and j > t else
-           task_accuracy(bundle, split_of(task, split), text, batch_size, device, autocast)
+           task_accuracy(bundle, split_of(task, split), text, batch_size, device, autocast, scores)
            for j, task in enumerate(scenario.tasks)]
     model.train(was_training)
     return row
@@ -122,7 +129,8 @@ def accuracy_row(bundle, scenario: Scenario, t: int, templates: str, batch_size:
 
 @torch.no_grad()
 def accuracy_before_training(bundle, scenario: Scenario, t: int, templates: str, batch_size: int,
-                             device: torch.device, autocast: bool = False, split: str = "test") -> float | None:
+                             device: torch.device, autocast: bool = False, split: str = "test",
+                             scores: Scores | None = None) -> float | None:
     """Accuracy on task t's `split` data (test or val) among the candidates of step t, before training on it.
 
     For a pretrained model this is its zero-shot accuracy on a task it has not been fine-tuned on yet.
@@ -131,14 +139,14 @@ def accuracy_before_training(bundle, scenario: Scenario, t: int, templates: str,
     was_training = model.training
     model.eval()
     text = candidate_text(bundle, scenario.classnames[: scenario.n_seen(t)], templates, device, autocast)
-    acc = task_accuracy(bundle, split_of(scenario[t], split), text, batch_size, device, autocast)
+    acc = task_accuracy(bundle, split_of(scenario[t], split), text, batch_size, device, autocast, scores)
     model.train(was_training)
     return acc
 
 
 @torch.no_grad()
 def unseen_row(bundle, scenario: Scenario, trained: int, templates: str, batch_size: int, device: torch.device,
-               autocast: bool = False, split: str = "test") -> list[float | None]:
+               autocast: bool = False, split: str = "test", scores: Scores | None = None) -> list[float | None]:
     """Accuracy on each task j >= trained (not trained yet) among all classes; None for the trained ones.
 
     Row 0 (nothing trained) is the model's zero-shot accuracy on every task; later rows say how much of it
@@ -146,7 +154,8 @@ def unseen_row(bundle, scenario: Scenario, trained: int, templates: str, batch_s
     """
     with evaluating(bundle.model):
         text = candidate_text(bundle, scenario.classnames, templates, device, autocast)
-        return [task_accuracy(bundle, split_of(task, split), text, batch_size, device, autocast) if j >= trained
+        return [task_accuracy(bundle, split_of(task, split), text, batch_size, device, autocast, scores)
+                if j >= trained
                 else None for j, task in enumerate(scenario.tasks)]
 
 
