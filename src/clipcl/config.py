@@ -171,6 +171,9 @@ class ModelCfg:
     # device: fast) | openclip (open_clip's own eval transform: PIL bicubic on the shorter side, centre crop, on
     # uint8, on the CPU: the inputs pretrained CLIP weights were measured with)
     resize: str = "torch"
+    lora_rank: int = 0  # > 0: LoRA of that rank on the attention and MLP projections of every tower that is not
+    #                     locked; everything else is frozen (clipcl.lora). 0: the whole model trains
+    lora_alpha: float = 0.0  # LoRA's scale is lora_alpha / lora_rank; 0 = lora_rank (a scale of 1)
 
 
 @dataclass(frozen=True)
@@ -484,6 +487,15 @@ def validate(cfg: RunCfg) -> None:
         value = get_value(cfg, key)
         _check(value in choices, key, value, f"must be one of {', '.join(choices)}")
     s, m, o, me = cfg.scenario, cfg.memory, cfg.optim, cfg.method
+    mo = cfg.model
+    _check(0 <= mo.lora_rank <= 4096, "model.lora_rank", mo.lora_rank, "must be 0 (no LoRA) or a rank from 1 to 4096")
+    _check(mo.lora_alpha >= 0, "model.lora_alpha", mo.lora_alpha, "must be 0 (= lora_rank) or positive")
+    _check(not mo.lora_alpha or mo.lora_rank, "model.lora_alpha", mo.lora_alpha,
+           "scales LoRA's adapters, and model.lora_rank is 0 (no LoRA): set a rank, or leave lora_alpha at 0")
+    _check(not mo.lora_rank or not (mo.lock_text and mo.lock_image), "model.lora_rank", mo.lora_rank,
+           "adapts the towers that are not locked, and model.lock_text and model.lock_image lock both: unlock one")
+    _check(not mo.lora_rank or me.name not in ("zeroshot", "prototypes"), "model.lora_rank", mo.lora_rank,
+           f"adapts a model that trains; method.name={me.name} trains nothing. Set model.lora_rank=0")
     _check(s.class_order in NAMED_ORDERS or is_order_file(s.class_order), "scenario.class_order", s.class_order,
            f"must be one of {', '.join(NAMED_ORDERS)}, or the path of a file of class indices (e.g. orders/c100.txt)")
     _check(s.classes_per_task >= 1, "scenario.classes_per_task", s.classes_per_task, "must be at least 1")

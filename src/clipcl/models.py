@@ -181,6 +181,11 @@ def create(cfg: ModelCfg, device: torch.device | str = "cpu", data: ScenarioCfg 
         model.lock_text_tower()
     if cfg.lock_image:
         model.lock_image_tower()
+    if cfg.lora_rank:  # after the weights are loaded: the adapters start at zero on top of them
+        from .lora import add_lora
+
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha,
+                 tuple(t for t, locked in (("visual", cfg.lock_image), ("text", cfg.lock_text)) if not locked))
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if cfg.channels_last:
