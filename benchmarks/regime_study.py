@@ -37,6 +37,7 @@ WEIGHTS = HERE / "out" / "fmnist100-tiny-rn.pt"
 # held-out signals read every 4 steps (a task has 16) and move v halfway each time: they follow the forgetting
 HELD_OUT = ["method.signal_every=4", "method.beta=0.5"]
 NO_MEMORY = {"finetune", "lwf", "wise-ft", "zscl", "prototypes"}
+LORA_LR = "2e-3"  # er + LoRA's learning rate, chosen on the validation split (--select lora; the table in results/)
 GROUPS = {  # label -> overrides, by priority
     "core": {
         "finetune": ["method.name=finetune"],
@@ -60,6 +61,8 @@ GROUPS = {  # label -> overrides, by priority
         "wise-ft": ["method.name=wiseft"],
         "zscl": ["method.name=zscl"],
         "prototypes": ["method.name=prototypes"],
+        "er + LoRA": ["method.name=er", "model.lora_rank=8", f"optim.lr={LORA_LR}"],
+        "gdro + LoRA": ["method.name=gdro", "model.lora_rank=8", f"optim.lr={LORA_LR}"],
     },
 }
 SELECT = {  # gdro's options one at a time from the shipped values, on the validation split, m = 2
@@ -71,6 +74,8 @@ SELECT = {  # gdro's options one at a time from the shipped values, on the valid
     "probe signal": ["method.dro_signal=probe", *HELD_OUT],
     "dro none": ["method.dro=none"],
 }
+SELECT_LORA = {f"er + LoRA, lr {lr}": ["method.name=er", "model.lora_rank=8", f"optim.lr={lr}"]
+               for lr in ("2e-4", "2e-3", "1e-2")}
 SELECT_PROTOTYPES = {f"w {w}": [f"method.proto_weight={w}"] for w in (0, 0.25, 0.5, 0.75, 1)}
 METRICS = (("avg inc.", "avg_incremental_accuracy"), ("last", "last_accuracy"), ("forgetting", "forgetting"),
            ("mean diag R[t,t]", "mean_diagonal"), ("zero-shot unseen", "future_accuracy"))
@@ -148,7 +153,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--select", nargs="?", const="gdro", default=None, choices=["gdro", "prototypes"],
+    ap.add_argument("--select", nargs="?", const="gdro", default=None, choices=["gdro", "prototypes", "lora"],
                     help="a method's options on the validation split: gdro's (the default), prototypes' weight")
     ap.add_argument("--out", default=str(HERE / "out" / "regime"))
     ap.add_argument("--benchmark", default="fmnist100-cil", choices=["fmnist100-cil", "fmnist100-dil"])
@@ -167,6 +172,10 @@ def main() -> None:
         variants = SELECT_PROTOTYPES
         jobs = [(label, 0, s) for s in seeds for label in variants]
         name, extra = "select_prototypes", ["eval.split=val", "method.name=prototypes"]
+    elif args.select == "lora":  # er + LoRA's learning rate (rank 8), m = 2
+        variants = SELECT_LORA
+        jobs = [(label, 2, s) for s in seeds for label in variants]
+        name, extra = "select_lora", ["eval.split=val"]
     elif args.select:
         variants = SELECT
         jobs = [(label, 2, s) for s in seeds for label in variants]
@@ -218,6 +227,10 @@ def main() -> None:
     if args.select == "prototypes":
         text = table("prototypes' fusion weight on the validation split (fmnist100-cil)", cmd, variants, [0], seeds,
                      results, compare=[(k, "w 0") for k in SELECT_PROTOTYPES if k != "w 0"])
+    elif args.select == "lora":
+        first = next(iter(SELECT_LORA))
+        text = table("er + LoRA's learning rate on the validation split (fmnist100-cil, m = 2, rank 8)", cmd, variants,
+                     [2], seeds, results, compare=[(k, first) for k in SELECT_LORA if k != first])
     elif args.select:
         text = table("gdro's options on the validation split (fmnist100-cil, m = 2)", cmd, variants, [2], seeds,
                      results, compare=[(k, "gdro") for k in SELECT if k != "gdro"])

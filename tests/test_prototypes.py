@@ -72,7 +72,7 @@ def test_the_method_classifier_changes_evaluation_for_that_method_only(tmp_path)
                 n = ncm.scenario.n_seen(t)
                 want = float(((z @ p[:n].t()).argmax(1).numpy() == test.targets).mean())
                 assert ncm.progress.rows[t][j] == pytest.approx(want)
-    half = run(tmp_path, "method.name=prototypes")  # the default fusion, w = 0.5: by hand on the last row
+    half = run(tmp_path, "method.name=prototypes", "method.proto_weight=0.5")  # a fusion: by hand, the last row
     text = candidate_text(half.bundle, half.scenario.classnames, "default", half.device)
     with evaluating(half.bundle.model):
         test = half.scenario[0].test
