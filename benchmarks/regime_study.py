@@ -7,6 +7,8 @@ which method should a user pick at 1, 2 and 5 images per class?
     .venv/bin/python benchmarks/regime_study.py --report-only   # the tables of the runs finished so far
     .venv/bin/python benchmarks/regime_study.py --select        # gdro's options on the validation split
     .venv/bin/python benchmarks/regime_study.py --benchmark fmnist100-dil --only core --memories 2,5
+    .venv/bin/python benchmarks/regime_study.py --select prototypes   # prototypes' fusion weight, validation
+    .venv/bin/python benchmarks/regime_study.py --select lora         # er + LoRA's learning rate, validation
 
 The pretrained weights are made once by `clipcl pretrain clipcl:fmnist100 --out benchmarks/out/fmnist100-tiny-rn.pt`
 (their sha256 is in the table) and every run starts from that file. One CPU thread per run; the same seeds
