@@ -156,7 +156,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--select", nargs="?", const="gdro", default=None, choices=["gdro", "prototypes", "lora"],
-                    help="a method's options on the validation split: gdro's (the default), prototypes' weight")
+                    help="a method's options on the validation split: gdro's (the default), prototypes' weight, "
+                         "er + LoRA's learning rate (lora)")
     ap.add_argument("--out", default=str(HERE / "out" / "regime"))
     ap.add_argument("--benchmark", default="fmnist100-cil", choices=["fmnist100-cil", "fmnist100-dil"])
     args = ap.parse_args()

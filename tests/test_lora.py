@@ -76,3 +76,5 @@ def test_lora_options_are_checked():
         load_config("fmnist-cil", ["model.lora_rank=4", "model.lock_text=true", "model.lock_image=true"])
     with pytest.raises(ConfigError, match="method.name=zeroshot trains nothing"):
         load_config("fmnist-cil", ["model.lora_rank=4", "method.name=zeroshot"])
+    with pytest.raises(ConfigError, match="method.name=wiseft averages weights"):
+        load_config("fmnist-cil", ["model.lora_rank=4", "method.name=wiseft"])

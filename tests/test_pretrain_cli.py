@@ -227,7 +227,7 @@ def test_an_existing_out_is_refused_unless_clipcl_pretrain_wrote_it_and_overwrit
 
 
 @pytest.mark.parametrize("case", ["missing", "a file", "empty", "empty class folders", "one class", "train only",
-                                  "unknown recipe", "fixed key", "unknown key", "bad value"])
+                                  "unknown recipe", "fixed key", "lora key", "unknown key", "bad value"])
 def test_a_bad_root_or_override_is_one_error_line_and_writes_nothing(case, tmp_path):
     root, overrides = tmp_path / "data", []
     if case == "a file":
@@ -242,9 +242,9 @@ def test_a_bad_root_or_override_is_one_error_line_and_writes_nothing(case, tmp_p
     elif case == "train only":
         write_shapes(root, flat=False)
         shutil.rmtree(root / "test")
-    elif case in ("fixed key", "unknown key", "bad value"):
+    elif case in ("fixed key", "lora key", "unknown key", "bad value"):
         write_shapes(root, flat=True, counts={n: 2 for n in SHAPES})
-        overrides = {"fixed key": ["method.name=er"], "unknown key": ["optim.lrr=1"],
+        overrides = {"fixed key": ["method.name=er"], "lora key": ["model.lora_rank=4"], "unknown key": ["optim.lrr=1"],
                      "bad value": ["optim.epochs=-1"]}[case]
     source = "clipcl:nope" if case == "unknown recipe" else str(root)
     out = tmp_path / "weights.pt"
@@ -254,7 +254,7 @@ def test_a_bad_root_or_override_is_one_error_line_and_writes_nothing(case, tmp_p
     expected = {"missing": "is not a folder", "a file": "is not a folder", "empty": "ROOT/<class>/*",
                 "empty class folders": "nor class folders holding images", "one class": "at least 2 class folders",
                 "train only": "no test/", "unknown recipe": "clipcl:fmnist-washed", "fixed key": "method.name",
-                "unknown key": "optim.lrr", "bad value": "optim.epochs"}[case]
+                "lora key": "model.lora_rank", "unknown key": "optim.lrr", "bad value": "optim.epochs"}[case]
     assert expected in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if case in ("missing", "unknown recipe") else ["data"])
 

@@ -62,6 +62,8 @@ def test_the_method_classifier_changes_evaluation_for_that_method_only(tmp_path)
     assert text_only.progress.rows == zero.progress.rows  # w = 0 is CLIP's own classifier, exactly
     ncm = run(tmp_path, "method.name=prototypes", "method.proto_weight=1")
     assert ncm.progress.rows != zero.progress.rows
+    # before a task is trained its classes have no prototype: the text classifier alone, i.e. zero-shot
+    assert ncm.progress.before == zero.progress.before and ncm.progress.before[1] is not None
     # w = 1 is a nearest-class-mean classifier: R[t][j] by hand, over the classes seen after task t
     p = hand_prototypes(ncm)
     with evaluating(ncm.bundle.model):

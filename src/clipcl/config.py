@@ -497,6 +497,9 @@ def validate(cfg: RunCfg) -> None:
            "adapts the towers that are not locked, and model.lock_text and model.lock_image lock both: unlock one")
     _check(not mo.lora_rank or me.name not in ("zeroshot", "prototypes"), "model.lora_rank", mo.lora_rank,
            f"adapts a model that trains; method.name={me.name} trains nothing. Set model.lora_rank=0")
+    _check(not mo.lora_rank or me.name not in ("wiseft", "zscl"), "model.lora_rank", mo.lora_rank,
+           f"method.name={me.name} averages weights, and an average of LoRA's A and B is not the average of the "
+           "adapted weights W + BA. Set model.lora_rank=0, or use another method")
     _check(s.class_order in NAMED_ORDERS or is_order_file(s.class_order), "scenario.class_order", s.class_order,
            f"must be one of {', '.join(NAMED_ORDERS)}, or the path of a file of class indices (e.g. orders/c100.txt)")
     _check(s.classes_per_task >= 1, "scenario.classes_per_task", s.classes_per_task, "must be at least 1")

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .config import ConfigError
+
 LORA_SEED = 0  # A's initialisation: a fixed stream, so the same config starts from the same adapters
 
 
@@ -37,7 +39,8 @@ class LowRankDelta(nn.Module):
 def lora_targets(model: nn.Module, towers: tuple[str, ...]) -> list[tuple[str, nn.Module, str]]:
     """(name, module, weight attribute) of every matrix LoRA adapts in the given towers ('visual', 'text'):
     each nn.MultiheadAttention's packed in_proj_weight and out_proj, and each nn.Linear (MLP c_fc / c_proj,
-    an attention pool's q/k/v/c projections). Convolutions and the final projections are left as they are."""
+    an attention pool's q/k/v/c projections, a ResNet tower's output projection among them). Convolutions and the
+    towers' projection matrices that are plain parameters (ViT `proj`, `text_projection`) are left as they are."""
     out = []
     for name, module in model.named_modules():
         tower = "visual" if name.startswith("visual") else "text" if name.startswith(("transformer", "text")) else None
@@ -58,7 +61,13 @@ def add_lora(model: nn.Module, rank: int, alpha: float = 0.0, towers: tuple[str,
     scale = (alpha or rank) / rank
     g = torch.Generator().manual_seed(LORA_SEED)
     added = 0
-    for _, module, attr in lora_targets(model, towers):
+    targets = lora_targets(model, towers)
+    for tower in towers:
+        if not any((n.startswith("visual") if tower == "visual" else not n.startswith("visual")) for n, _, _ in targets):
+            raise ConfigError(f"config key 'model.lora_rank' = {rank}: the {tower} tower of this model has no "
+                              "nn.MultiheadAttention or nn.Linear for LoRA to adapt; lock it (model.lock_"
+                              f"{'image' if tower == 'visual' else 'text'}=true) or set model.lora_rank=0.")
+    for _, module, attr in targets:
         weight = getattr(module, attr)
         delta = LowRankDelta(weight.shape[0], weight.shape[1], rank, scale, g).to(weight.device)
         parametrize.register_parametrization(module, attr, delta)

@@ -264,7 +264,8 @@ FOLDER_DEFAULTS = ["name=pretrain", "seed=0", "model.name=clipcl-tiny-rn", "mode
                    "optim.epochs=8", "optim.batch_size=128", "optim.warmup_steps=20", "eval.templates=default"]
 # what clipcl pretrain sets itself: one joint task over every class of ROOT
 FOLDER_FIXED = ("scenario.dataset", "scenario.root", "scenario.kind", "scenario.classes_per_task",
-                "scenario.initial_classes", "scenario.n_tasks", "scenario.classes", "scenario.domains", "method.name")
+                "scenario.initial_classes", "scenario.n_tasks", "scenario.classes", "scenario.domains", "method.name",
+                "model.lora_rank", "model.lora_alpha")  # LoRA's keys: the weights are a plain state dict of model.name
 RECIPE_FREE = ("model.name", "device", "scenario.root", "scenario.download")  # what a recipe's copy may set
 MAX_RECORD_BYTES = 16 << 20  # a record lists a config and class names: larger is not one
 

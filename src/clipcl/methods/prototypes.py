@@ -17,8 +17,11 @@ class Prototypes(Method):
     After task t, for each class c of D_t: S_c += sum_{i in D_t, y_i = c} z_i and n_c += |{i: y_i = c}| (z_i the
     normalised image embedding of the frozen model, eval mode, no augmentation); p_c = normalise(S_c / n_c), so
     in a domain-incremental stream a class's prototype is the mean over every domain seen. Evaluation scores
-        l_ic = (1 - w) z_i . t_c + w z_i . p_c   for classes with a prototype,   z_i . t_c   otherwise,
-    w = method.proto_weight (0: zero-shot CLIP; 1: a nearest-class-mean classifier on CLIP's features).
+        l_ic = (1 - w) z_i . t_c + w z_i . p_c   when every candidate class has a prototype,
+    and z_i . t_c (CLIP's zero-shot classifier) when some has none (the accuracy before a task is trained, the
+    unseen rows): image-prototype cosines are far larger than image-text ones, so a class with a prototype
+    would draw the images of a class without. w = method.proto_weight (1: a nearest-class-mean classifier on
+    CLIP's features; 0: zero-shot CLIP).
     """
 
     name = "prototypes"
@@ -59,8 +62,9 @@ class Prototypes(Method):
         def scores(z: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
             n = len(text)  # the candidates: scenario labels 0..n-1
             logits = z @ text.t()
-            fused = (1 - w) * logits + w * (z @ p[:n].to(z.device, z.dtype).t())
-            return torch.where(has[:n].to(z.device), fused, logits)
+            if not bool(has[:n].all()):  # image-prototype cosines run far above image-text ones: a class with a
+                return logits  # prototype would draw the images of one without, so the text classifier alone
+            return (1 - w) * logits + w * (z @ p[:n].to(z.device, z.dtype).t())
 
         return scores
 
@@ -83,4 +87,6 @@ class Prototypes(Method):
         if sums.shape[0] != counts.shape[0]:
             raise StateError("method.sums", f"has {sums.shape[0]} rows for {counts.shape[0]} class counts")
         if (counts < 0).any():
-            raise StateError("method.counts", "holds a negative count")
+            raise StateError("method.counts", f"holds a negative count ({int(counts.min())})")
+        if not torch.isfinite(sums).all():
+            raise StateError("method.sums", "holds a value that is not finite")
