@@ -84,7 +84,10 @@ METRICS = (("avg inc.", "avg_incremental_accuracy"), ("last", "last_accuracy"), 
 COMPARE = (("gdro (oracle, lam 1)", "balanced (gdro dro=none)"), ("gdro (oracle)", "balanced (gdro dro=none)"), ("gdro", "er"), ("gdro", "balanced (gdro dro=none)"),
            ("balanced (gdro dro=none)", "er"), ("er (replay_share=classes)", "er"),
            ("balanced (gdro dro=none)", "er (replay_share=classes)"), ("gdro (probe)", "balanced (gdro dro=none)"),
-           ("gcl", "er"), ("er (herding)", "er"), ("balanced (uniform)", "balanced (gdro dro=none)"))
+           ("gcl", "er"), ("gcl", "balanced (gdro dro=none)"), ("er (herding)", "er"),
+           ("er (herding)", "balanced (gdro dro=none)"), ("balanced (uniform)", "balanced (gdro dro=none)"),
+           ("prototypes", "balanced (gdro dro=none)"), ("prototypes", "er (herding)"), ("der++", "er"),
+           ("er-ace", "er"), ("er + LoRA", "er"), ("gdro + LoRA", "gdro"), ("gdro + LoRA", "er + LoRA"))
 
 
 def value(r: dict, key: str) -> float:

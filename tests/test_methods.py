@@ -244,9 +244,14 @@ RESUME_EXTRA = {"er": ["memory.selection=herding", "memory.codec=png"],
                 "er-lora": ["model.lora_rank=4", "optim.lr=0.01"]}
 
 
-# zeroshot and prototypes do not train: no mid-task checkpoint to die after (prototypes' state: test_prototypes)
-@pytest.mark.parametrize("name", [*sorted(set(METHODS) - {"zeroshot", "prototypes"}), "gdro-excess", "gdro-pairs",
-                                  "er-lora"])
+# zeroshot and prototypes do not train: no mid-task checkpoint to die after (prototypes' state: test_prototypes).
+# er, gdro and er + LoRA run in the default suite; the other methods (about 45 s each) with `make test-slow`.
+RESUME_DEFAULT = {"er", "gdro", "er-lora"}
+
+
+@pytest.mark.parametrize("name", [name if name in RESUME_DEFAULT else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in [*sorted(set(METHODS) - {"zeroshot", "prototypes"}), "gdro-excess",
+                                               "gdro-pairs", "er-lora"]])
 def test_every_method_resumes_bit_exactly_after_sigkill(name, tmp_path):
     args = [*ARGS, f"method.name={name.split('-')[0]}", *RESUME_EXTRA.get(name, [])]
     ref, out = tmp_path / "ref", tmp_path / "run"
