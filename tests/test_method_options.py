@@ -422,3 +422,28 @@ def test_corrected_presence_is_refused_where_it_is_not_exact():
     assert "sampling=uniform" in msg
     apply_overrides(RunCfg(), ["method.name=gdro", "method.class_presence=corrected", "scenario.kind=dil",
                                "scenario.dataset=fmnist_dil", "method.sampling=uniform"])  # exact there: accepted
+
+
+def test_every_method_reads_exactly_the_options_config_lists_for_it():
+    """config.METHOD_READS (what a torch-free sweep validates and pins with) is each class's `reads`, and a
+    method's code reads no method option outside it."""
+    import inspect
+    import re
+
+    from clipcl import config, methods
+
+    for name, cls in methods.METHODS.items():
+        if name == "headonly":  # the tests' own method
+            continue
+        assert config.METHOD_READS[name] == tuple(cls.reads), name
+        used = set(re.findall(r"cfg\.([a-z0-9_]+)", inspect.getsource(cls))) - {"name"}  # its own code
+        assert used <= set(cls.reads), f"{name} reads {sorted(used - set(cls.reads))} without declaring them"
+
+
+def test_an_option_the_method_ignores_is_refused_naming_who_reads_it():
+    from clipcl.config import ConfigError, apply_overrides, load_config
+
+    with pytest.raises(ConfigError, match=r"method.lam.*not an option of method.name=er.*gdro reads it"):
+        apply_overrides(load_config("fmnist-cil"), ["method.name=er", "method.lam=2"])
+    cfg = apply_overrides(load_config("fmnist-cil"), ["method.name=gdro", "method.lam=2"])
+    assert cfg.method.lam == 2

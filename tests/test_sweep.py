@@ -58,8 +58,7 @@ grid:
 """)
     grid = sweep.load_grid(str(path))
     cells = sweep.expand(grid, ["optim.epochs=2"])
-    assert [c.name for c in cells] == [
-        "finetune__memory.per_class-1__method.gcl_form-pairs",
+    assert [c.name for c in cells] == [  # finetune does not read gcl_form: one cell, at its default
         "finetune__memory.per_class-1__method.gcl_form-prompts",
         "balanced_dro_none__memory.per_class-1__method.gcl_form-pairs",
         "balanced_dro_none__memory.per_class-1__method.gcl_form-prompts",
@@ -67,13 +66,14 @@ grid:
         "balanced_dro_none__memory.per_class-2__method.gcl_form-prompts"]
     # shared, command line, variant, then the grid values the variant does not pin
     assert cells[0].overrides == ("scenario.train_per_class=50", "optim.epochs=2", "method.name=finetune",
-                                  "memory.per_class=1", "method.gcl_form=pairs")
-    assert cells[5].overrides[-2:] == ("memory.per_class=2", "method.gcl_form=prompts")
+                                  "memory.per_class=1")
+    assert sweep.count_cells(grid) == len(cells) == 5
+    assert cells[4].overrides[-2:] == ("memory.per_class=2", "method.gcl_form=prompts")
     cfgs = sweep.configs("fmnist-cil", grid, cells, ["optim.epochs=2"])
     c = cfgs["balanced_dro_none__memory.per_class-2__method.gcl_form-prompts"]
     assert (c.method.name, c.method.dro, c.memory.per_class, c.method.gcl_form, c.scenario.train_per_class,
             c.optim.epochs) == ("gdro", "none", 2, "prompts", 50, 2.0)
-    assert cfgs["finetune__memory.per_class-1__method.gcl_form-pairs"].memory.per_class == 1
+    assert cfgs["finetune__memory.per_class-1__method.gcl_form-prompts"].memory.per_class == 1
 
 
 def test_grid_values_that_yaml_would_misread_are_quoted_and_odd_labels_made_safe(tmp_path):

@@ -36,8 +36,10 @@ from .files import atomic_write, clear_stale_temporaries
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 3  # 2: weights-only loading, data fingerprint; 3: the prompts form's estimators, DRO marks
 FIELDS = ("format_version", "config", "model", "optimizer", "memory", "method", "progress", "data", "torch_rng",
-          "threads")  # what Trainer.state() writes
-OPTIONAL = ("threads",)  # absent in checkpoints of earlier clipcl versions of this format
+          "threads", "modules")  # what Trainer.state() writes
+# absent in checkpoints of earlier clipcl versions of this format; "modules": the weights of the modules a method
+# owns (Method.modules), written only when it owns some
+OPTIONAL = ("threads", "modules")
 START_AGAIN = "Start the run again in another folder, or with --overwrite."
 
 
@@ -188,6 +190,8 @@ def check_fields(state: dict[str, Any], values: bool = True) -> None:
         raise StateError(unknown[0], f"is not a field clipcl writes (it writes {', '.join(FIELDS)})")
     for key in ("config", "model", "memory", "method", "progress", "data"):
         need_dict(key, state[key])
+    if "modules" in state:
+        need_dict("modules", state["modules"])
     if state["optimizer"] is not None:
         need_dict("optimizer", state["optimizer"])
     rng = state["torch_rng"]

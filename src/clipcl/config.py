@@ -470,6 +470,38 @@ def _is_dir(path: str) -> tuple[bool, str]:
         return False, e.strerror or str(e)
 
 
+# method name -> the method.* options it reads (each method class's `reads`; methods.register adds a new
+# method's). Here too, without torch, for the processes that validate configs without building a method (a
+# sweep's parent); a test checks that it equals the classes'. Any other method option must keep its default
+# when the method runs: the method would ignore it in silence.
+_GCL_READS = ("sampling", "gamma", "tau", "gcl_form", "gamma_schedule", "gamma_min", "t2i_eps")
+METHOD_READS: dict[str, tuple[str, ...]] = {
+    "zeroshot": (), "finetune": (), "joint": (),
+    "er": ("sampling", "replay_share"), "er_ace": ("sampling",), "derpp": ("sampling", "distill_weight", "label_weight"),
+    "gcl": _GCL_READS,
+    "gdro": (*_GCL_READS, "dro", "lam", "beta", "eta", "alpha", "max_weight", "dro_adjust", "sample_mix", "dro_signal",
+             "lam_start", "telemetry_every", "class_presence", "probe_per_class", "signal_every"),
+    "lwf": ("distill_weight", "distill_temp"), "zscl": ("distill_weight", "distill_temp"),
+    "wiseft": ("wise_alpha",), "prototypes": ("proto_weight",),
+}
+
+
+def _check_method_reads(me: MethodCfg) -> None:
+    reads = METHOD_READS.get(me.name)
+    if reads is None:
+        return
+    default = MethodCfg()
+    for f in fields(MethodCfg):
+        value = getattr(me, f.name)
+        if f.name == "name" or f.name in reads or value == getattr(default, f.name):
+            continue
+        owners = [n for n, r in METHOD_READS.items() if f.name in r]
+        _check(False, f"method.{f.name}", value,
+               f"is not an option of method.name={me.name} (it reads {', '.join(reads) or 'none'}), which would "
+               f"ignore it; {', '.join(owners) or 'no method'} read{'s' if len(owners) == 1 else ''} it. Leave it "
+               f"at {getattr(default, f.name)!r} or choose such a method")
+
+
 def validate(cfg: RunCfg) -> None:
     """Check values that no type can express; raise ConfigError naming the key.
 
@@ -604,6 +636,7 @@ def validate(cfg: RunCfg) -> None:
     _check(me.replay_share != "classes" or s.kind == "cil", "method.replay_share", me.replay_share,
            "classes splits the loss between old classes (memory) and the new task's classes; in a domain-incremental "
            "stream every class is both. Use replay_share=batch")
+    _check_method_reads(me)
     _check(cfg.log.every >= 1, "log.every", cfg.log.every, "must be at least 1 (a row every N steps)")
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be 0 (per task) or more")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be at least 1")

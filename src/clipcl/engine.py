@@ -32,7 +32,7 @@ from .files import OutputError
 from .logs import StepLog
 from .augment import augment
 from .memory import ReplayMemory
-from .methods import Method, TaskContext, make_method
+from .methods import Method, OwnedModules, TaskContext, make_method
 from .models import ClipBundle, create
 from .prompts import DEFAULT_TEMPLATES, class_tokens
 from .report import RESULTS_SCHEMA, write_outputs, write_results_json
@@ -97,6 +97,17 @@ class Progress:
     log_id: str = ""  # the run's id for trackers (W&B), drawn when it starts and kept across resumes
 
 
+def tensor_bytes(x) -> int:
+    """Bytes of every tensor in a nested state (dicts, lists, tuples)."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(tensor_bytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(tensor_bytes(v) for v in x)
+    return 0
+
+
 def say(line: str) -> None:
     """One line on stderr, flushed: progress must reach logs of runs without a terminal (nohup, SLURM, CI)."""
     print(line, file=sys.stderr, flush=True)
@@ -145,17 +156,27 @@ class Trainer:
         if self.main:
             distributed.barrier()
         self.method: Method = make_method(cfg.method)
+        self.method.setup(self.bundle)
+        for name, p in self.bundle.model.named_parameters():  # what the method does not train is frozen
+            if p.requires_grad and not self.method.trains_parameter(name, p):
+                p.requires_grad_(False)
+        # the modules the method owns: on the device, in the optimiser, under DDP, in the checkpoint
+        self.owned = OwnedModules(self.method.modules()).to(self.device)
+        self.method.owned = self.owned
         m = cfg.memory
         self.memory = ReplayMemory(m.per_class, m.total, m.bytes, m.codec, m.quality, m.selection)
         self.model = self.bundle.model  # what the forward goes through: the model, or its DDP wrapper
-        if self.world > 1 and any(p.requires_grad for p in self.bundle.model.parameters()):
+        if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            if self.device.type == "cuda":  # BatchNorm over the global batch, as one process would compute it
-                self.bundle.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.bundle.model)
-            self.model = DistributedDataParallel(
-                self.bundle.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.method.leaves_parameters_unused)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            if any(p.requires_grad for p in self.bundle.model.parameters()):
+                if self.device.type == "cuda":  # BatchNorm over the global batch, as one process would compute it
+                    self.bundle.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.bundle.model)
+                self.model = DistributedDataParallel(self.bundle.model, device_ids=ids,
+                                                     find_unused_parameters=self.method.leaves_parameters_unused)
+            if any(p.requires_grad for p in self.owned.parameters()):  # averaged over the ranks as the model's
+                self.method.owned = DistributedDataParallel(self.owned, device_ids=ids, find_unused_parameters=True)
         self.progress = Progress()
         self.optimizer: torch.optim.Optimizer | None = None
         self._image_tower_trains = any(p.requires_grad for n, p in self.bundle.model.named_parameters()
@@ -186,6 +207,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "memory": self.memory.state_dict(),
             "method": self.method.state_dict(),
+            **({"modules": self.owned.state_dict()} if self.owned.parts else {}),
             "progress": vars(self.progress).copy(),
             "data": self.fingerprint,
             "torch_rng": torch.get_rng_state(),
@@ -242,6 +264,8 @@ class Trainer:
                 f"{checkpoint._first_line(e)}); nothing is resumed from it. {checkpoint.START_AGAIN}") from None
         try:
             self.bundle.model.load_state_dict(state["model"])
+            if self.owned.parts:
+                self.owned.load_state_dict(state["modules"])
             self.bundle.eval_features.clear()
             self.memory.load_state_dict(state["memory"])
             self.method.load_state_dict(state["method"])
@@ -269,6 +293,11 @@ class Trainer:
         C = checkpoint
         model_state = self.bundle.model.state_dict()
         C.need_tensors("model", state["model"], model_state)
+        if self.owned.parts or "modules" in state:  # the method's own modules: exactly the live ones' tensors
+            if "modules" not in state:
+                raise C.StateError("modules", f"is missing: method {self.cfg.method.name!r} owns "
+                                   f"{', '.join(self.owned.parts)}, whose weights a checkpoint of it holds")
+            C.need_tensors("modules", state["modules"], self.owned.state_dict())
         n = len(self.scenario)
         p = C.need_dict("progress", state["progress"], [f.name for f in dataclasses.fields(Progress)],
                         optional=("log_id",))  # log_id: absent in checkpoints of earlier clipcl versions
@@ -402,8 +431,14 @@ class Trainer:
                 raise C.StateError(f"{field}.step", "must count whole steps", count)
 
     # ------------------------------------------------------------------ pieces
+    def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of everything the optimiser updates: the model's trainable parameters, then those
+        of the method's own modules ('modules.<name>.<parameter>')."""
+        return ([(n, p) for n, p in self.bundle.model.named_parameters() if p.requires_grad]
+                + [(f"modules.{n}", p) for n, p in self.owned.named_parameters() if p.requires_grad])
+
     def _start_optimizer(self) -> None:
-        params = [(n, p) for n, p in self.bundle.model.named_parameters() if p.requires_grad]
+        params = self.trained_parameters()
         decay = [p for n, p in params if p.ndim >= 2 and "logit_scale" not in n]
         rest = [p for n, p in params if not (p.ndim >= 2 and "logit_scale" not in n)]
         fused = self.device.type == "cuda"  # one kernel for the whole update on a GPU; foreach on the CPU
@@ -498,7 +533,7 @@ class Trainer:
         (loss * self.world).backward()  # DDP averages over the ranks: times W, the sum of their parts
         # A finite loss can still have inf/nan gradients; stepping on them would put nan into the weights
         # (and into the next checkpoint). max_norm=inf measures without clipping.
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trained_parameters()], cfg.optim.grad_clip or math.inf)
         if not torch.isfinite(norm):
             opt.zero_grad(set_to_none=True)
             return self._nonfinite(step, {**terms, "grad_norm": norm}, before)
@@ -718,13 +753,19 @@ class Trainer:
                        "peak_memory_bytes": int(peak),
                        "peak_memory_kind": "cuda allocated" if self.device.type == "cuda" else "process max RSS"},
             "model": {"name": self.cfg.model.name,
-                      "parameters": sum(p.numel() for p in self.bundle.model.parameters()),
-                      "trainable_parameters": sum(p.numel() for p in self.bundle.model.parameters() if p.requires_grad)},
+                      "parameters": sum(p.numel() for p in self.bundle.model.parameters())
+                      + sum(p.numel() for p in self.owned.parameters()),  # the method's own modules' too
+                      "trainable_parameters": sum(p.numel() for _, p in self.trained_parameters())
+                      if self.method.trains else 0},
             "memory": {"images": len(self.memory), "bytes": self.memory.nbytes,
+                       # what else the method keeps between tasks: its state's tensors (teachers, statistics,
+                       # stored logits) and its own modules' weights
+                       "method_state_bytes": tensor_bytes(self.method.state_dict()) + tensor_bytes(self.owned.state_dict()),
                        "per_class": self.memory.counts()},
             "nonfinite_skipped": p.nonfinite_skipped,
             "data_notes": sc.notes,
             "data_fingerprint": self.fingerprint,
             "versions": versions(self.device),
+            "method_options": list(self.method.reads),  # the method.* keys it reads (the report groups on them)
             **self.method.results(),
         }

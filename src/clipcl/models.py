@@ -81,6 +81,15 @@ class ClipBundle:
     # evaluation's image embeddings while the image tower is unchanged (evaluate.task_accuracy)
     eval_features: dict = field(default_factory=dict, repr=False)
 
+    @property
+    def dim(self) -> int:
+        """The width D of the embeddings both towers output (open_clip's embed_dim)."""
+        width = getattr(self.model.visual, "output_dim", None)
+        if isinstance(width, int):
+            return width
+        projection = self.model.text_projection
+        return int(projection.weight.shape[0] if isinstance(projection, torch.nn.Linear) else projection.shape[1])
+
     def input_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, C, H, W] on the CPU, as stored -> uint8 RGB at the model's size, made by open_clip's
         own eval transform for this model (model.resize=openclip: its resize and crop steps, i.e. its

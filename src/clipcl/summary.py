@@ -270,10 +270,22 @@ def _section_key(r: dict) -> dict[str, object]:
             "evaluation set sizes": tuple(sc.get("eval_sizes") or sc["test_sizes"])}
 
 
+def method_reads(r: dict) -> tuple[str, ...] | None:
+    """The method.* options the run's method reads: as results.json records them (method_options), else as the
+    method's class declares them (runs written before the record), None for a method clipcl does not know."""
+    if isinstance(r.get("method_options"), list):
+        return tuple(r["method_options"])
+    from .config import METHOD_READS
+    return METHOD_READS.get(str(r.get("config", {}).get("method", {}).get("name")))
+
+
 def _settings(r: dict) -> dict[str, str]:
-    """The run's settings, keys added since it was written at their defaults: an older run of the same config
-    groups with a newer one."""
-    return {k: format_value(v) for k, v in flat_config(with_defaults(r["config"])).items() if k not in IGNORED_KEYS}
+    """The run's settings, keys added since it was written at their defaults (an older run of the same config
+    groups with a newer one), and of the method options only those its method reads (a new default of gdro's
+    does not split er runs)."""
+    reads = method_reads(r)
+    return {k: format_value(v) for k, v in flat_config(with_defaults(r["config"])).items() if k not in IGNORED_KEYS
+            and (reads is None or not k.startswith("method.") or k == "method.name" or k[7:] in reads)}
 
 
 def _seed_order(run: Run) -> tuple:
@@ -285,7 +297,8 @@ def _differing(groups: list[Group]) -> list[str]:
     """The config keys whose values differ between groups: method.name first, then in config order."""
     keys = list(dict.fromkeys(k for g in groups for k in g.settings))
     keys.sort(key=lambda k: k != "method.name")
-    return [k for k in keys if len({g.settings.get(k) for g in groups}) > 1]
+    # a method option that only some groups' methods read differs only if it differs among those groups
+    return [k for k in keys if len({g.settings[k] for g in groups if k in g.settings}) > 1]
 
 
 def _labels(groups: list[Group]) -> list[str]:

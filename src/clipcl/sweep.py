@@ -202,6 +202,24 @@ def _pinned(grid: Grid, v_over: tuple[str, ...]) -> dict[str, str]:
     return pinned
 
 
+def _unread(grid: Grid, overrides: tuple[str, ...], pinned: dict[str, str]) -> dict[str, str]:
+    """Grid method options that the method a variant names (method.name=...) does not read, pinned at their
+    defaults: crossing er with method.lam's values would make copies of one run (config.validate refuses such a
+    value on a method that ignores it)."""
+    from .config import METHOD_READS, MethodCfg
+    names = [o.split("=", 1)[1].strip() for o in overrides if key_of(o) == "method.name"]
+    name = pinned.get("method.name", names[-1] if names else None)
+    if name is None:
+        return {}
+    reads = METHOD_READS.get(name)
+    if reads is None:
+        return {}
+    default = MethodCfg()
+    return {key: value_text(getattr(default, key[7:])) for key, _ in grid.axes
+            if key.startswith("method.") and key != "method.name" and key not in pinned and hasattr(default, key[7:])
+            and key[7:] not in reads}
+
+
 def _axis_texts(grid: Grid) -> list[list[str]]:
     """Each axis's distinct value texts, in file order (a repeated value makes the same cells)."""
     return [list(dict.fromkeys(value_text(v) for v in values)) for _, values in grid.axes]
@@ -214,6 +232,7 @@ def count_cells(grid: Grid) -> int:
     total = 0
     for _, v_over in (grid.variants or (("", ()),)):
         pinned = _pinned(grid, v_over)
+        pinned.update(_unread(grid, (*grid.overrides, *v_over), pinned))
         total += math.prod(len(t) for (key, _), t in zip(grid.axes, texts) if key not in pinned)
     return total
 
@@ -245,6 +264,7 @@ def expand(grid: Grid, extra: list[str] | tuple[str, ...] = (), max_cells: int =
     cells, seen = [], {}
     for label, v_over in (grid.variants or (("", ()),)):
         pinned = _pinned(grid, v_over)
+        pinned.update(_unread(grid, (*grid.overrides, *extra, *v_over), pinned))
         for combo in itertools.product(*texts):
             values = tuple((key, pinned.get(key, text)) for key, text in zip(grid_keys, combo))
             if (label, values) in seen:

@@ -6,9 +6,9 @@ gcl (gcl, gdro), distill (lwf, zscl), averaging (wise-ft), prototypes (frozen fe
 """
 from __future__ import annotations
 
-from ..config import ConfigError, MethodCfg
+from ..config import METHOD_READS, ConfigError, MethodCfg
 from .averaging import WiSEFT, interpolate
-from .base import (TEXT_CHUNK, Batch, Finetune, Joint, Method, TaskContext, ZeroShot, check_buffers, check_weights,
+from .base import (TEXT_CHUNK, Batch, Finetune, Joint, Method, OwnedModules, TaskContext, ZeroShot, check_buffers, check_weights,
                    clip_forward, distillation, frozen_copy, text_tower_trains, unwrap)
 from .distill import ZSCL, LwF, Teacher
 from .gcl import GCL, GDRO
@@ -16,7 +16,7 @@ from .prototypes import Prototypes
 from .replay import ER, ERACE, DERpp, SeenClassReplay, class_presence
 
 __all__ = ["TEXT_CHUNK", "Batch", "DERpp", "ER", "ERACE", "Finetune", "GCL", "GDRO", "Joint", "LwF", "METHODS",
-           "METHOD_DOCS", "Method", "Prototypes", "SeenClassReplay", "TaskContext", "Teacher", "WiSEFT", "ZSCL", "ZeroShot",
+           "METHOD_DOCS", "Method", "OwnedModules", "Prototypes", "SeenClassReplay", "TaskContext", "Teacher", "WiSEFT", "ZSCL", "ZeroShot",
            "check_buffers", "check_weights", "class_presence", "clip_forward", "distillation", "frozen_copy",
            "interpolate", "make_method", "register", "text_tower_trains", "unwrap"]
 
@@ -28,6 +28,7 @@ def register(cls: type[Method], doc: str) -> type[Method]:
     """Make a method available by its name."""
     METHODS[cls.name] = cls
     METHOD_DOCS[cls.name] = doc
+    METHOD_READS.setdefault(cls.name, tuple(cls.reads))  # the shipped ones are in config already
     return cls
 
 

@@ -14,6 +14,7 @@ class WiSEFT(Method):
     the fine-tuned value). No memory."""
 
     name = "wiseft"
+    reads = ("wise_alpha",)
 
     def __init__(self, cfg: MethodCfg):
         super().__init__(cfg)

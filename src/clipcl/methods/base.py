@@ -162,6 +162,18 @@ def check_weights(field: str, state, model_state: dict[str, torch.Tensor], requi
     need_tensors(field, state, model_state)
 
 
+class OwnedModules(nn.Module):
+    """The modules a method owns (Method.modules), as one module: the engine moves it, trains, checkpoints and
+    DDP-wraps it whole; forward(name, *args) runs one of them, so a DDP wrapper of it sees the method's calls."""
+
+    def __init__(self, parts: dict[str, nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleDict(parts)
+
+    def forward(self, name: str, *args):
+        return self.parts[name](*args)
+
+
 class Method:
     """Base: fine-tune on the task's own data with the mini-batch CLIP loss (this is `finetune`).
 
@@ -171,6 +183,9 @@ class Method:
 
     name = "finetune"
     trains = True
+    # the method.* options (config.MethodCfg) this method reads: validated, recorded and grouped on only for it;
+    # the others must keep their defaults when it runs (config.validate)
+    reads: tuple[str, ...] = ()
 
     @property
     def leaves_parameters_unused(self) -> bool:
@@ -180,9 +195,35 @@ class Method:
 
     def __init__(self, cfg: MethodCfg):
         self.cfg = cfg
+        self.owned: nn.Module | None = None  # the engine's handle on modules(): see call_module
         self.task = 0
         self.ctx: TaskContext | None = None
         self._texts: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # frozen text towers' class texts, this task
+
+    # ----------------------------------------------------------------- what trains
+    def setup(self, bundle) -> None:
+        """Called once, after the model is built and before anything reads trains_parameter or modules: build the
+        modules the method owns (their sizes may depend on the model, e.g. its embedding width bundle.dim, never
+        on the data). Model initialisation is over: a method seeds its own generator for its weights."""
+
+    def trains_parameter(self, name: str, param: nn.Parameter) -> bool:
+        """Whether the method trains the model parameter `name` (among those the model's options leave trainable:
+        model.lock_*, model.lora_rank). The engine freezes the others before it builds the optimiser."""
+        return True
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The modules the method owns (an adapter, a head, prompt vectors), by name. The engine puts them on the
+        run's device, trains their parameters that require a gradient with the model's (the same AdamW, lr and
+        weight-decay groups), averages their gradients over the ranks under DDP, and saves and restores their
+        weights in the checkpoint ('modules'). In the forward, call them through call_module (it goes through
+        the DDP wrapper); at evaluation, directly."""
+        return {}
+
+    def call_module(self, name: str, *args):
+        """modules()[name](*args) through the engine's handle (a DistributedDataParallel wrapper with several
+        ranks): the way a training forward must call an owned module."""
+        assert self.owned is not None, "the engine sets the handle on the owned modules"
+        return self.owned(name, *args)
 
     # ----------------------------------------------------------------- data
     def training_data(self, ctx: TaskContext) -> tuple[ImageSet, ImageSet | None]:

@@ -52,6 +52,7 @@ class LwF(Teacher):
     No memory."""
 
     name = "lwf"
+    reads = ("distill_weight", "distill_temp")
 
     def before_task(self, ctx):
         self.teacher = frozen_copy(ctx.bundle.model) if ctx.task > 0 else None
@@ -86,6 +87,7 @@ class ZSCL(Teacher):
     No memory."""
 
     name = "zscl"
+    reads = ("distill_weight", "distill_temp")
 
     def __init__(self, cfg: MethodCfg):
         super().__init__(cfg)

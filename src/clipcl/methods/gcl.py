@@ -25,6 +25,7 @@ class GCL(ER):
     every seen class prompt, one text -> image estimator per class, the model's logit scale learned)."""
 
     name = "gcl"
+    reads = ("sampling", "gamma", "tau", "gcl_form", "gamma_schedule", "gamma_min", "t2i_eps")
 
     def __init__(self, cfg: MethodCfg):
         super().__init__(cfg)
@@ -143,6 +144,8 @@ class GDRO(GCL):
     training batches' cross-entropy of every class ("train_losses"): held-out beside memory losses."""
 
     name = "gdro"
+    reads = (*GCL.reads, "dro", "lam", "beta", "eta", "alpha", "max_weight", "dro_adjust", "sample_mix", "dro_signal",
+             "lam_start", "telemetry_every", "class_presence", "probe_per_class", "signal_every")
 
     def __init__(self, cfg: MethodCfg):
         super().__init__(cfg)

@@ -25,6 +25,7 @@ class Prototypes(Method):
     """
 
     name = "prototypes"
+    reads = ("proto_weight",)
     trains = False
 
     def __init__(self, cfg: MethodCfg):

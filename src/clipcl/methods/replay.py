@@ -67,6 +67,7 @@ class ER(Method):
     the batch images; losses.weighted_clip_loss). A batch with samples of one part only gets the plain loss."""
 
     name = "er"
+    reads = ("sampling", "replay_share")
 
     def training_forward(self, model, images, labels, index, step):
         if self.cfg.replay_share == "batch":
@@ -138,6 +139,7 @@ class ERACE(SeenClassReplay):
     Old-class logits get no gradient from new samples, so new data does not push old classes away."""
 
     name = "er_ace"
+    reads = ("sampling",)
 
     def training_forward(self, model, images, labels, index, step):
         assert self.ctx is not None
@@ -160,6 +162,7 @@ class DERpp(SeenClassReplay):
     (alpha = method.distill_weight, beta = method.label_weight, k the task that stored i)."""
 
     name = "derpp"
+    reads = ("sampling", "distill_weight", "label_weight")
 
     def __init__(self, cfg: MethodCfg):
         super().__init__(cfg)
