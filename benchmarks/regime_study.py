@@ -43,7 +43,11 @@ BENCHMARKS = {"fmnist100-cil": ("cil", [f"model.pretrained={WEIGHTS}"]),
               "fmnist-pre-cil": ("pre_cil", ["scenario.train_per_class=500"])}
 # held-out signals read every 4 steps (a task has 16) and move v halfway each time: they follow the forgetting
 HELD_OUT = ["method.signal_every=4", "method.beta=0.5"]
-NO_MEMORY = {"finetune", "lwf", "wise-ft", "zscl", "prototypes"}
+NO_MEMORY = {"finetune", "lwf", "wise-ft", "zscl", "prototypes", "rapf"}
+# RAPF's published CIFAR-100 B0-Inc10 recipe (linlany/RAPF configs/class/cifar100_10-10.yaml): Adam lr 1e-3, no weight
+# decay, 15 epochs, batch 100, no augmentation; its MultiStepLR schedule is not the engine's (docs/METHOD.md)
+RAPF = ["method.name=rapf", "scenario.augment=none", "optim.lr=1e-3", "optim.weight_decay=0", "optim.epochs=15",
+        "optim.batch_size=100", "optim.warmup_steps=0", "optim.grad_clip=0"]
 LORA_LR = "2e-3"  # er + LoRA's learning rate, chosen on the validation split (--select lora; the table in results/)
 GROUPS = {  # label -> overrides, by priority
     "core": {
@@ -68,6 +72,7 @@ GROUPS = {  # label -> overrides, by priority
         "wise-ft": ["method.name=wiseft"],
         "zscl": ["method.name=zscl"],
         "prototypes": ["method.name=prototypes"],
+        "rapf": RAPF,
         "er + LoRA": ["method.name=er", "model.lora_rank=8", f"optim.lr={LORA_LR}"],
         "gdro + LoRA": ["method.name=gdro", "model.lora_rank=8", f"optim.lr={LORA_LR}"],
     },

@@ -246,7 +246,7 @@ RESUME_EXTRA = {"er": ["memory.selection=herding", "memory.codec=png"],
 
 # zeroshot and prototypes do not train: no mid-task checkpoint to die after (prototypes' state: test_prototypes).
 # er, gdro and er + LoRA run in the default suite; the other methods (about 45 s each) with `make test-slow`.
-RESUME_DEFAULT = {"er", "gdro", "er-lora"}
+RESUME_DEFAULT = {"er", "gdro", "er-lora", "rapf"}  # rapf: a method-owned module and a mid-task fusion state
 
 
 @pytest.mark.parametrize("name", [name if name in RESUME_DEFAULT else pytest.param(name, marks=pytest.mark.slow)
@@ -274,7 +274,7 @@ def test_clipcl_list_shows_every_method(capsys):
     assert main(["list", "methods"]) == 0
     out = capsys.readouterr().out
     for name in ("finetune", "er", "gcl", "gdro", "joint", "lwf", "wiseft", "zscl", "derpp", "er_ace", "zeroshot",
-                 "prototypes"):
+                 "prototypes", "rapf"):
         assert f"  {name} " in out
 
 

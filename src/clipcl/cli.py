@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               f"stored in its checkpoint, and only {free} may change on resume. Drop the override"
                               f"{'s' if len(fixed) > 1 else ''}, or start a new run in another folder with "
                               f"{'them' if len(fixed) > 1 else 'it'}.")
-        cfg = apply_overrides(stored_config(out), args.overrides)
+        cfg = apply_overrides(stored_config(out), args.overrides, whole=False)  # a stored run is not re-judged
     else:
         cfg = load_config(args.config, args.overrides)
     from .engine import Trainer

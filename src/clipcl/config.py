@@ -275,6 +275,12 @@ class MethodCfg:
     signal_every: int = 10  # dro_signal=probe | oracle: steps between the no-grad forwards on the held-out images
     replay_share: str = "batch"  # er: batch (the plain mini-batch CLIP loss) | classes (memory samples carry
     #                              n_old / n_seen of the loss, new samples n_new / n_seen: class balancing's ratio)
+    rapf_threshold: float = 0.55  # rapf: an old and a new class are a hard pair when their normalised text
+    #                               embeddings lie closer than this (Euclidean; RAPF's CIFAR-100 value)
+    rapf_mix_bias: float = 0.6  # rapf: the floor of the fusion mask (CIFAR-100's; ImageNet-100's 0.5)
+    rapf_beta: float = 2.0  # rapf: 10 beta Gaussian samples per drawn old class, 20 beta per hard pair, each step
+    rapf_classes: int = 2  # rapf: old classes drawn per step for the cross-entropy replay (K)
+    rapf_margin: float = 0.1  # rapf: the hinge margin between an old sample's own and its new neighbour's text
     proto_weight: float = 1.0  # prototypes: scores (1 - w) z.t_c + w z.p_c (0: zero-shot CLIP, 1: nearest class mean;
     #                            chosen on fmnist100-cil's validation split); classes without a prototype: z.t_c
 
@@ -483,6 +489,7 @@ METHOD_READS: dict[str, tuple[str, ...]] = {
              "lam_start", "telemetry_every", "class_presence", "probe_per_class", "signal_every"),
     "lwf": ("distill_weight", "distill_temp"), "zscl": ("distill_weight", "distill_temp"),
     "wiseft": ("wise_alpha",), "prototypes": ("proto_weight",),
+    "rapf": ("rapf_threshold", "rapf_mix_bias", "rapf_beta", "rapf_classes", "rapf_margin"),
 }
 
 
@@ -493,7 +500,7 @@ def _check_method_reads(me: MethodCfg) -> None:
     default = MethodCfg()
     for f in fields(MethodCfg):
         value = getattr(me, f.name)
-        if f.name == "name" or f.name in reads or value == getattr(default, f.name):
+        if f.name in ("name", "telemetry_every") or f.name in reads or value == getattr(default, f.name):
             continue
         owners = [n for n, r in METHOD_READS.items() if f.name in r]
         _check(False, f"method.{f.name}", value,
@@ -636,7 +643,14 @@ def validate(cfg: RunCfg) -> None:
     _check(me.replay_share != "classes" or s.kind == "cil", "method.replay_share", me.replay_share,
            "classes splits the loss between old classes (memory) and the new task's classes; in a domain-incremental "
            "stream every class is both. Use replay_share=batch")
-    _check_method_reads(me)
+    _check(me.rapf_threshold > 0, "method.rapf_threshold", me.rapf_threshold,
+           "must be positive (a distance between unit vectors, 0 to 2)")
+    _check(0 <= me.rapf_mix_bias <= 1, "method.rapf_mix_bias", me.rapf_mix_bias, "must be in [0, 1]")
+    _check(me.rapf_beta >= 0, "method.rapf_beta", me.rapf_beta, "must be 0 or more")
+    _check(me.rapf_classes >= 1, "method.rapf_classes", me.rapf_classes, "must be at least 1")
+    _check(me.rapf_margin >= 0, "method.rapf_margin", me.rapf_margin, "must be 0 or more")
+    _check(not mo.lora_rank or me.name != "rapf", "model.lora_rank", mo.lora_rank,
+           "adapts the towers, and rapf keeps them frozen (it trains its own adapter). Set model.lora_rank=0")
     _check(cfg.log.every >= 1, "log.every", cfg.log.every, "must be at least 1 (a row every N steps)")
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be 0 (per task) or more")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be at least 1")
@@ -813,8 +827,12 @@ def _override_value(key: str, raw: str) -> Any:
         return raw
 
 
-def overridden(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> RunCfg:
-    """The config of a to_dict() dict with 'a.b=value' strings applied (data itself is left as it was)."""
+def overridden(data: dict[str, Any], overrides: list[str] | tuple[str, ...], whole: bool = True) -> RunCfg:
+    """The config of a to_dict() dict with 'a.b=value' strings applied (data itself is left as it was).
+
+    whole: this is the config a run will run with, so the method options its method does not read must be at
+    their defaults (a config file alone may set gdro's options under er, for a user who then picks gdro; a
+    stored config of an older run is not checked again)."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}  # the sections are replaced
     for item in overrides:
         if "=" not in item:
@@ -831,12 +849,15 @@ def overridden(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> 
         if parts[-1] not in node or isinstance(node[parts[-1]], dict):
             raise _unknown_key(key)
         node[parts[-1]] = _override_value(key, raw)
-    return from_dict(data)
+    cfg = from_dict(data)
+    if whole:
+        _check_method_reads(cfg.method)
+    return cfg
 
 
-def apply_overrides(cfg: RunCfg, overrides: list[str]) -> RunCfg:
-    """Apply 'a.b=value' strings (values parsed as YAML) to a config."""
-    return overridden(to_dict(cfg), overrides)
+def apply_overrides(cfg: RunCfg, overrides: list[str], whole: bool = True) -> RunCfg:
+    """Apply 'a.b=value' strings (values parsed as YAML) to a config (whole: see overridden)."""
+    return overridden(to_dict(cfg), overrides, whole)
 
 
 def load_config(path_or_name: str | Path, overrides: list[str] | None = None) -> RunCfg:

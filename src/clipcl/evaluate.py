@@ -35,15 +35,16 @@ Scores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def image_features(bundle, data: ImageSet, batch_size: int, device: torch.device,
-                   autocast: bool = False) -> torch.Tensor:
-    """Normalised image embeddings [N, D] of a whole ImageSet."""
+                   autocast: bool = False, normalize: bool = True) -> torch.Tensor:
+    """Normalised image embeddings [N, D] of a whole ImageSet (normalize=False: as the image tower outputs them)."""
     model = bundle.model
     out = []
     for start in range(0, len(data), batch_size):
         pos = np.arange(start, min(start + batch_size, len(data)))
         x = bundle.prepare_images(bundle.input_images(data.load(pos)).to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out.append(F.normalize(model.encode_image(x).float(), dim=-1))
+            z = model.encode_image(x).float()
+            out.append(F.normalize(z, dim=-1) if normalize else z)
     return torch.cat(out) if out else torch.zeros(0, 1, device=device)
 
 

@@ -298,10 +298,10 @@ def configs(config: str, grid: Grid, cells: list[Cell], extra: list[str] | tuple
     """
     base = load_config(config)
     try:
-        apply_overrides(base, list(grid.overrides))
+        apply_overrides(base, list(grid.overrides), whole=False)
     except ConfigError as e:
         raise ConfigError(f"grid file '{grid.path}', overrides: {e}") from None
-    apply_overrides(base, list(extra))  # a command-line mistake reads as in 'clipcl run'
+    apply_overrides(base, list(extra), whole=False)  # a command-line mistake reads as in 'clipcl run'
     data = to_dict(base)
     if stream is not None and len(cells) >= 1000:
         print(f"clipcl sweep: checking the configs of {len(cells):,} cells ...", file=stream, flush=True)

@@ -1,7 +1,7 @@
 """The methods of docs/METHOD.md, one module per family, and their registry.
 
 base (the Method interface, finetune, joint, zero-shot and the task context), replay (er, der++, er-ace),
-gcl (gcl, gdro), distill (lwf, zscl), averaging (wise-ft), prototypes (frozen features). `make_method(cfg)` builds the method cfg names;
+gcl (gcl, gdro), distill (lwf, zscl), averaging (wise-ft), prototypes (frozen features), rapf (a published CLIP method). `make_method(cfg)` builds the method cfg names;
 `register(cls, doc)` adds one.
 """
 from __future__ import annotations
@@ -13,10 +13,11 @@ from .base import (TEXT_CHUNK, Batch, Finetune, Joint, Method, OwnedModules, Tas
 from .distill import ZSCL, LwF, Teacher
 from .gcl import GCL, GDRO
 from .prototypes import Prototypes
+from .rapf import RAPF
 from .replay import ER, ERACE, DERpp, SeenClassReplay, class_presence
 
 __all__ = ["TEXT_CHUNK", "Batch", "DERpp", "ER", "ERACE", "Finetune", "GCL", "GDRO", "Joint", "LwF", "METHODS",
-           "METHOD_DOCS", "Method", "OwnedModules", "Prototypes", "SeenClassReplay", "TaskContext", "Teacher", "WiSEFT", "ZSCL", "ZeroShot",
+           "METHOD_DOCS", "Method", "OwnedModules", "Prototypes", "RAPF", "SeenClassReplay", "TaskContext", "Teacher", "WiSEFT", "ZSCL", "ZeroShot",
            "check_buffers", "check_weights", "class_presence", "clip_forward", "distillation", "frozen_copy",
            "interpolate", "make_method", "register", "text_tower_trains", "unwrap"]
 
@@ -46,6 +47,8 @@ for _cls, _doc in [
     (ERACE, "ER with asymmetric cross-entropy: new samples compete only among new classes"),
     (Prototypes, "frozen CLIP: class-mean image features fused with the text classifier (SimpleCIL / NCM; "
                  "method.proto_weight; no training, no memory)"),
+    (RAPF, "RAPF (ECCV 2024): linear adapter on frozen CLIP features, Gaussian replay of class statistics, hinge "
+           "loss on hard pairs, parameter fusion (no image memory)"),
 ]:
     register(_cls, _doc)
 
