@@ -27,7 +27,7 @@ from competitors import paired  # noqa: E402
 from regime_study import GROUPS, NO_MEMORY, slug, value  # noqa: E402
 
 LABELS = ["finetune", "er", "er (herding)", "balanced (gdro dro=none)", "gcl", "gdro", "der++", "er-ace", "lwf",
-          "wise-ft", "zscl", "prototypes", "er + LoRA", "gdro + LoRA"]
+          "wise-ft", "zscl", "prototypes", "rapf", "er + LoRA", "gdro + LoRA"]
 BENCHES = (("fmnist100-cil", "cil"), ("fmnist-pre-cil", "pre_cil"))
 MEMS, SEEDS = (1, 2, 5), (0, 1, 2, 3, 4)
 METRICS = (("last", "last_accuracy"), ("avg inc.", "avg_incremental_accuracy"), ("forgetting", "forgetting"),
@@ -72,7 +72,7 @@ def main() -> None:
              " (the runs: its docstring). Mean ± standard deviation over seeds 0-4, in %; paired differences in "
              "points, mean [95% t-interval]. One CPU thread per run. Trained: parameters the optimiser updates "
              "(0: no training). Kept: bytes kept between tasks, replay images plus the method's state (teachers, "
-             "stored logits, prototypes); finetune, lwf, wise-ft, zscl and prototypes keep no image, so their "
+             "stored logits, prototypes); finetune, lwf, wise-ft, zscl, prototypes and rapf keep no image, so their "
              "runs are the same at every m. er + LoRA and gdro + LoRA: rank 8, lr 2e-3 (chosen on fmnist100-cil's "
              "validation split; on fmnist-pre-cil 10x its full fine-tuning lr, as on fmnist100-cil).", ""]
     for bench, name in BENCHES:
